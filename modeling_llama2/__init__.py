@@ -1,0 +1,30 @@
+"""Llama 2 for the Hugging Face ecosystem. Importing the package registers its config and models with the
+Auto classes, so `AutoModelForCausalLM.from_pretrained` loads a `model_type: "llama2"` checkpoint."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_llama2 import Llama2Config
+from .modeling_llama2 import (
+    Llama2ForCausalLM,
+    Llama2ForSequenceClassification,
+    Llama2Model,
+    Llama2PreTrainedModel,
+)
+
+AutoConfig.register(Llama2Config.model_type, Llama2Config, exist_ok=True)
+AutoModel.register(Llama2Config, Llama2Model, exist_ok=True)
+AutoModelForCausalLM.register(Llama2Config, Llama2ForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(Llama2Config, Llama2ForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "Llama2Config",
+    "Llama2Model",
+    "Llama2PreTrainedModel",
+    "Llama2ForCausalLM",
+    "Llama2ForSequenceClassification",
+]

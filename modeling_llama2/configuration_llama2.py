@@ -1,0 +1,132 @@
+"""Llama 2 configuration.
+
+The keyword names are those of transformers' `LlamaConfig`, so a Llama 2 `config.json` from the Hub loads
+as it is; the defaults are Llama 2 7B's (4096 positions, RMSNorm eps 1e-5), not `LlamaConfig`'s.
+"""
+
+import os
+import shutil
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+
+# Where a saved checkpoint finds its classes when loaded with `trust_remote_code=True`. Every file named
+# here is copied beside the weights by `save_pretrained`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_llama2.Llama2Config",
+    "AutoModel": "modeling_llama2.Llama2Model",
+    "AutoModelForCausalLM": "modeling_llama2.Llama2ForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_llama2.Llama2ForSequenceClassification",
+}
+REMOTE_CODE_FILES = ("configuration_llama2.py", "modeling_llama2.py")
+
+# RoPE types the rotary embedding understands: the original one plus every scaling transformers implements
+# (`linear` position interpolation, `dynamic` NTK, `llama3`, `yarn`, ...).
+ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
+
+
+@strict
+class Llama2Config(PreTrainedConfig):
+    r"""Configuration of a Llama 2 model (defaults: Llama-2-7b).
+
+    Attention is multi-head when `num_key_value_heads == num_attention_heads`, grouped-query (GQA, Llama 2
+    34B/70B) when it divides it, and multi-query when it is 1. RoPE settings live in `rope_parameters`
+    (`rope_type`, `rope_theta`, scaling keys); the legacy `rope_theta=` and `rope_scaling=` keywords are
+    accepted and folded into it.
+    """
+
+    model_type = "llama2"
+    keys_to_ignore_at_inference = ["cache"]
+    # Tensor- and pipeline-parallel plans, as transformers declares them for Llama.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pretraining_tp: int | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    auto_map: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.auto_map is None:
+            self.auto_map = dict(AUTO_MAP)
+        super().__post_init__(**kwargs)
+        self._check_shapes()
+        self._check_rope()
+
+    def _check_shapes(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}): each key/value head serves a whole group of query heads "
+                "(1 for multi-query, equal for multi-head attention)."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"`head_dim` ({self.head_dim}) must be even: RoPE rotates pairs of dimensions.")
+
+    def _check_rope(self) -> None:
+        rope = self.rope_parameters
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"`rope_parameters['rope_type']` (or `rope_scaling['type']`) is {rope_type!r}, which is not a known "
+                f"RoPE type; use one of {', '.join(ROPE_TYPES)}."
+            )
+        if rope.get("rope_theta", 1.0) <= 0:
+            raise ValueError(f"`rope_theta` must be positive, got {rope['rope_theta']}.")
+        if rope_type != "default":
+            factor = rope.get("factor")
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+                raise ValueError(
+                    f"`rope_parameters['factor']` must be a number >= 1 for RoPE type {rope_type!r} "
+                    f"(how many times the trained context is stretched), got {factor!r}."
+                )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save `config.json` and the source files `auto_map` names, so the directory loads with
+        `trust_remote_code=True` where this package is not installed."""
+        super().save_pretrained(save_directory, **kwargs)
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
