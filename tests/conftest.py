@@ -1,0 +1,43 @@
+"""Tiny random models shared by the model tests: small enough that the whole suite runs on two CPU cores."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+)
+
+
+def tiny_config(**overrides) -> Llama2Config:
+    return Llama2Config(**{**TINY, **overrides})
+
+
+def model_pair(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """Our model and transformers' `LlamaForCausalLM` holding the same random weights, in eval mode."""
+    torch.manual_seed(seed)
+    ours = Llama2ForCausalLM(tiny_config(**overrides)).eval()
+    ref_kwargs = {**TINY, **overrides}
+    ref = LlamaForCausalLM(LlamaConfig(**ref_kwargs)).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ours.set_attn_implementation(attn_implementation)
+    ref.set_attn_implementation(attn_implementation)
+    return ours, ref
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return Llama2ForCausalLM(tiny_config()).eval()

@@ -1,0 +1,214 @@
+"""The model against transformers' `LlamaForCausalLM` on the same weights, and its own invariants."""
+
+import pytest
+import torch
+
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+
+from .conftest import TINY, model_pair, tiny_config
+
+ATOL = 1e-5
+
+
+def logits(model, input_ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("num_key_value_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_logits_match_transformers(num_key_value_heads, attn_implementation):
+    ours, ref = model_pair(num_key_value_heads=num_key_value_heads, attn_implementation=attn_implementation)
+    input_ids = torch.randint(1, TINY["vocab_size"], (3, 40))
+    torch.testing.assert_close(logits(ours, input_ids), logits(ref, input_ids), atol=ATOL, rtol=0)
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    # 200 positions > max_position_embeddings=128, so the NTK base is really recomputed.
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(name):
+    rope = {**ROPE_SCALINGS[name], "rope_theta": 50000.0}
+    ours, ref = model_pair(rope_parameters=dict(rope))
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 200))
+    torch.testing.assert_close(logits(ours, input_ids), logits(ref, input_ids), atol=ATOL, rtol=0)
+    unscaled, _ = model_pair(rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, max_position_embeddings=256)
+    assert not torch.allclose(logits(unscaled, input_ids), logits(ours, input_ids), atol=1e-3)
+
+
+def test_legacy_rope_keywords_are_folded_into_rope_parameters():
+    config = tiny_config(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    assert config.rope_parameters["rope_type"] == "linear"
+    assert config.rope_parameters["factor"] == 2.0
+    assert config.rope_parameters["rope_theta"] == 1e6
+
+
+def test_incremental_decoding_matches_full_forward():
+    ours, _ = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 24))
+    full = logits(ours, input_ids)
+    with torch.no_grad():
+        out = ours(input_ids[:, :10], use_cache=True)
+        steps = [out.logits]
+        cache = out.cache
+        for t in range(10, 24):
+            out = ours(input_ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+    assert cache.get_seq_length() == 24
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+
+
+def left_padded_batch(prompts, pad_token_id=0):
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("num_key_value_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_left_padded_greedy_generate_matches_transformers_and_unpadded(num_key_value_heads):
+    ours, ref = model_pair(seed=1, num_key_value_heads=num_key_value_heads)
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, TINY["vocab_size"], (n,)).tolist() for n in (5, 12, 9)]
+    input_ids, attention_mask = left_padded_batch(prompts)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        batched = ours.generate(input_ids, attention_mask=attention_mask, **kwargs)
+        reference = ref.generate(input_ids, attention_mask=attention_mask, **kwargs)
+        assert torch.equal(batched, reference)
+        for row, prompt in enumerate(prompts):
+            alone = ours.generate(torch.tensor([prompt]), **kwargs)
+            assert batched[row, input_ids.shape[1] :].tolist() == alone[0, len(prompt) :].tolist()
+
+
+def test_static_cache_generate_matches_dynamic():
+    ours, _ = model_pair(seed=2)
+    input_ids, attention_mask = left_padded_batch([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        dynamic = ours.generate(input_ids, **kwargs)
+        static = ours.generate(input_ids, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic, static)
+
+
+def test_explicit_position_ids():
+    ours, ref = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (1, 16))
+    gapped = torch.cat([torch.arange(8), torch.arange(30, 38)]).unsqueeze(0)
+    torch.testing.assert_close(
+        logits(ours, input_ids, position_ids=gapped), logits(ref, input_ids, position_ids=gapped), atol=ATOL, rtol=0
+    )
+    assert not torch.allclose(logits(ours, input_ids, position_ids=gapped), logits(ours, input_ids), atol=1e-4)
+    # RoPE encodes relative positions: shifting all of them changes nothing.
+    shifted = torch.arange(7, 23).unsqueeze(0)
+    torch.testing.assert_close(logits(ours, input_ids, position_ids=shifted), logits(ours, input_ids), atol=ATOL, rtol=0)
+
+
+def test_attention_mask_hides_padding():
+    ours, _ = model_pair()
+    prompt = torch.randint(1, TINY["vocab_size"], (1, 10))
+    alone = logits(ours, prompt)[:, -1]
+    input_ids, attention_mask = left_padded_batch([prompt[0].tolist(), list(range(3, 20))])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    padded = logits(ours, input_ids, attention_mask=attention_mask, position_ids=position_ids)[:1, -1]
+    torch.testing.assert_close(padded, alone, atol=ATOL, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Llama2ForCausalLM(tiny_config()).train()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 16))
+
+    def grads():
+        model.zero_grad()
+        model(input_ids, labels=input_ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = grads()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0)
+
+
+def test_loss_matches_transformers():
+    ours, ref = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 16))
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids, labels=labels).loss, ref(input_ids, labels=labels).loss)
+
+
+def test_hidden_states_and_attentions_are_returned():
+    ours, _ = model_pair(attn_implementation="eager")
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 7))
+    with torch.no_grad():
+        out = ours(input_ids, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
+    assert out.attentions[0].shape == (2, TINY["num_attention_heads"], 7, 7)
+    # Causal: no weight on the future.
+    assert torch.all(out.attentions[0].triu(diagonal=1) == 0)
+
+
+def test_logits_to_keep_computes_only_the_last_positions():
+    ours, _ = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 9))
+    last = logits(ours, input_ids, logits_to_keep=1)
+    assert last.shape == (2, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, logits(ours, input_ids)[:, -1:], atol=ATOL, rtol=0)
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = Llama2ForCausalLM(tiny_config(tie_word_embeddings=True))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    ours, _ = model_pair(max_position_embeddings=32)
+    with pytest.raises(ValueError, match="context of 32 tokens"):
+        ours(torch.randint(1, TINY["vocab_size"], (1, 33)))
+    ours(torch.randint(1, TINY["vocab_size"], (1, 32)))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=60, num_attention_heads=8), "num_attention_heads"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+        (dict(rope_parameters={"rope_type": "ntk-by-parts", "factor": 2.0}), "rope_type"),
+        (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor"),
+        (dict(rope_scaling={"type": "dynamic"}), "factor"),
+        (dict(rope_theta=-1.0), "rope_theta"),
+    ],
+)
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_config_defaults_are_llama2_7b():
+    config = Llama2Config()
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (4096, 32, 11008)
+    assert config.max_position_embeddings == 4096
+    assert config.rms_norm_eps == 1e-5
+    assert (config.bos_token_id, config.eos_token_id) == (1, 2)
+    assert config.num_key_value_heads == config.num_attention_heads
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
