@@ -1,0 +1,103 @@
+"""Llama 2's sentencepiece `tokenizer.model` as a fast `tokenizer.json`, plus the chat template.
+
+transformers' own converter prepends the dummy-prefix space only when the text does not already
+start with one and splits on spaces, so it disagrees with sentencepiece on leading and repeated
+spaces. Here the prefix is a `Prepend` normalizer that always fires (as sentencepiece's
+`add_dummy_prefix` does) and nothing splits the text, so BPE sees exactly what sentencepiece sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece
+from tokenizers import Tokenizer, decoders, models, normalizers, processors
+from transformers import PreTrainedTokenizerFast
+
+SPACE = "\u2581"  # sentencepiece's visible space, "▁"
+
+# Meta's `chat_completion` formatting (llama/generation.py): every finished exchange is
+# `<s>[INST] {user} [/INST] {answer} </s>`, the system prompt is folded into the first user turn,
+# and the prompt ends with the open `<s>[INST] {user} [/INST]`. The `<s>`/`</s>` are the special
+# tokens themselves, and the text after each of them gets sentencepiece's dummy prefix space.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Roles must alternate user/assistant/user/..., after an optional system message.') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% set content = (system + message['content']) if loop.first else message['content'] %}"
+    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% else %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_fast_tokenizer(model_file: str | Path) -> Tokenizer:
+    """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece BPE model."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    _check_representable(sp)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    # sentencepiece BPE merges the adjacent pair whose union is the best-scored piece; a BPE merge
+    # list ranked by that score does the same. Bytes and special pieces never take part in merges.
+    mergeable = {
+        sp.id_to_piece(i): sp.get_score(i)
+        for i in range(sp.get_piece_size())
+        if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+    }
+    merges = sorted(
+        ((piece[:k], piece[k:]) for piece in mergeable for k in range(1, len(piece)) if piece[:k] in mergeable and piece[k:] in mergeable),
+        key=lambda pair: (-mergeable[pair[0] + pair[1]], vocab[pair[0]], vocab[pair[1]]),
+    )
+    unk = sp.id_to_piece(sp.unk_id())
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    bos, eos = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+    )
+    tokenizer.add_special_tokens([unk, bos, eos])
+    return tokenizer
+
+
+def _check_representable(sp: sentencepiece.SentencePieceProcessor) -> None:
+    """Refuse models whose normalization the fast tokenizer above would not reproduce."""
+    probe = "  Two  spaces,\ttab, ﬁ ligature, Ｗide Ａ and é / e\u0301."
+    if sp.decode(sp.encode(probe)) != probe:
+        raise ValueError(
+            "This sentencepiece model normalizes its input (NFKC or whitespace folding); only models like "
+            "Llama 2's (identity normalization, byte fallback) can be converted exactly."
+        )
+    if "".join(sp.encode(" x", out_type=str)) != SPACE * 2 + "x":
+        raise ValueError("This sentencepiece model has no dummy prefix; only Llama 2-style models are supported.")
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise ValueError("This sentencepiece model lacks <s> or </s>; Llama 2 needs both.")
+
+
+def save_tokenizer(model_file: str | Path, output_dir: str | Path, *, chat: bool, model_max_length: int) -> PreTrainedTokenizerFast:
+    """Write `tokenizer.json`, `tokenizer_config.json` (with the chat template for chat models) and
+    a copy of `tokenizer.model`, so the directory works with `AutoTokenizer` and with Meta's code."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_fast_tokenizer(model_file),
+        bos_token=sp.id_to_piece(sp.bos_id()),
+        eos_token=sp.id_to_piece(sp.eos_id()),
+        unk_token=sp.id_to_piece(sp.unk_id()),
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+        chat_template=CHAT_TEMPLATE if chat else None,
+    )
+    tokenizer.save_pretrained(output_dir)
+    Path(output_dir, "tokenizer.model").write_bytes(Path(model_file).read_bytes())
+    return tokenizer
