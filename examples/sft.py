@@ -1,0 +1,21 @@
+"""Supervised fine-tuning of Llama 2 on chat data, loss on answers only, packed (Llama 2-Chat's SFT stage).
+
+    accelerate launch examples/sft.py --model PATH --train-file sft.jsonl --output-dir out/sft --num-epochs 2
+
+See examples/README.md for the data format and flags; every `TrainingArguments` flag works too.
+"""
+
+import modeling_llama2  # noqa: F401  (registers the Llama 2 classes with the Auto classes)
+from modeling_llama2.sft import SFTArguments, run_sft
+from modeling_llama2.training import ModelArguments, parse_args
+
+
+def main():
+    model_args, sft_args, training_args = parse_args(
+        ModelArguments, SFTArguments, learning_rate=2e-5, lr_scheduler_type="cosine", num_train_epochs=2
+    )
+    run_sft(model_args, sft_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

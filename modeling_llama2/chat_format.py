@@ -1,0 +1,78 @@
+"""The Llama 2-Chat prompt format, token for token as `chat_completion` in Meta's reference code, with loss labels.
+
+A completed turn is `[BOS] + encode(f"[INST] {user} [/INST] {answer} ") + [EOS]`; a system message is folded into
+the first user message as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}`; a dialog that ends with a user message ends with
+`[BOS] + encode(f"[INST] {user} [/INST]")`, the prompt the model answers. The special tokens are added by id, never
+spelled in text, so a tokenizer that would parse `<s>` in text cannot change the result.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's cross-entropy default `ignore_index`)
+
+Encode = Callable[[str], list[int]]
+Message = Mapping[str, str]
+
+
+def tokenizer_encoder(tokenizer) -> Encode:
+    """String in, ids out, with no special tokens: the contract `encode_dialog` needs, for a transformers tokenizer."""
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_dialog(messages: Sequence[Message], encode: Encode, bos_id: int, eos_id: int) -> tuple[list[int], list[int]]:
+    """Token ids of a dialog in the Llama 2 chat format and its labels: -100 on every system and user token (and on
+    each BOS), the token itself on each answer token and on the EOS that closes the answer.
+
+    `messages` are `{"role", "content"}` with roles `system` (optional, first), then `user` and `assistant`
+    alternating, starting with `user`.
+    """
+    messages = _fold_system(messages)
+    ids, labels = [], []
+    for i in range(0, len(messages), 2):
+        prompt = f"{B_INST} {messages[i]['content'].strip()} {E_INST}"
+        if i + 1 == len(messages):  # final user turn: the prompt to answer
+            turn = [bos_id] + encode(prompt)
+            ids += turn
+            labels += [IGNORE_INDEX] * len(turn)
+            break
+        turn = encode(f"{prompt} {messages[i + 1]['content'].strip()} ")
+        # Meta encodes prompt and answer as one string; the prompt's own encoding is a prefix of it for
+        # sentencepiece (no piece spans the space after `[/INST]`), so its length marks where the answer starts.
+        n_prompt = _common_prefix_length(turn, encode(prompt))
+        ids += [bos_id] + turn + [eos_id]
+        labels += [IGNORE_INDEX] * (1 + n_prompt) + turn[n_prompt:] + [eos_id]
+    return ids, labels
+
+
+def _fold_system(messages: Sequence[Message]) -> list[dict]:
+    """Check roles and contents, and merge a leading system message into the first user message."""
+    for message in messages:
+        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise ValueError(f'Each message must be {{"role": ..., "content": "<text>"}}, got {message!r}.')
+        if any(tag in message["content"] for tag in (B_INST, E_INST, "<<SYS>>", "<</SYS>>")):
+            raise ValueError(
+                f"Message content may not contain the chat format's tags {B_INST} {E_INST} <<SYS>> <</SYS>>: "
+                f"{message['content'][:80]!r}. Remove them from the data."
+            )
+    messages = [dict(m) for m in messages]
+    if messages and messages[0]["role"] == "system":
+        if len(messages) < 2:
+            raise ValueError("A system message must be followed by a user message.")
+        system, first = messages[0]["content"], messages[1]["content"]
+        messages = [{"role": messages[1]["role"], "content": B_SYS + system + E_SYS + first}] + messages[2:]
+    roles = [m["role"] for m in messages]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+    if not roles or roles != expected:
+        raise ValueError(
+            f"Roles must be an optional 'system', then 'user' and 'assistant' alternating from 'user'; got {roles}."
+        )
+    return messages
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,147 @@
+"""Supervised fine-tuning data and training as in Llama 2-Chat: chat-formatted samples, loss on answers only,
+samples packed into fixed-length rows with attention kept inside each sample."""
+
+import bisect
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
+from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+from .chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
+from .training import ModelArguments, add_lora, load_tokenizer, read_jsonl, save_final
+
+
+@dataclass
+class SFTArguments:
+    train_file: str = field(
+        metadata={"help": 'JSONL of {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}.'}
+    )
+    eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
+    max_length: int = field(default=4096, metadata={"help": "Tokens per sample and per packed row."})
+    packing: bool = field(default=True, metadata={"help": "Pack samples into rows of --max-length tokens."})
+
+
+def record_to_messages(record: dict) -> list[dict]:
+    """A data record as chat messages: `{"messages": [...]}` as is, `{"prompt", "response"}` as one exchange."""
+    if "messages" in record:
+        return record["messages"]
+    if "prompt" in record and "response" in record:
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+    raise ValueError(f'need "messages" or both "prompt" and "response", got fields {sorted(record)}')
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int, where: str) -> tuple[list[int], list[int]]:
+    """Cut a sample to `max_length` tokens, refusing when no answer token would be left to learn from."""
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(
+            f"{where}: the prompt alone fills --max-length {max_length} (no answer token left to train on); "
+            "raise --max-length, or shorten or drop this record."
+        )
+    return ids, labels
+
+
+def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
+    """Tokenized samples `{"input_ids", "labels"}` of a JSONL file, prompts masked with -100."""
+    encode = tokenizer_encoder(tokenizer)
+    samples = []
+    for line_no, record in read_jsonl(path):
+        where = f"{path}:{line_no}"
+        try:
+            messages = record_to_messages(record)
+            if messages[-1:] and messages[-1].get("role") != "assistant":
+                raise ValueError("the dialog must end with an assistant message, the answer to learn")
+            ids, labels = encode_dialog(messages, encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        ids, labels = truncate(ids, labels, max_length, where)
+        samples.append({"input_ids": ids, "labels": labels})
+    if not samples:
+        raise ValueError(f"{path} holds no records.")
+    return samples
+
+
+def pack(samples: list[dict], max_length: int) -> list[list[dict]]:
+    """Group whole samples into rows of at most `max_length` tokens (best-fit decreasing bin packing).
+
+    Samples are never split, so each keeps its full context and the packed loss equals the unpacked one; rows come
+    out nearly full, so there is almost no padding to spend compute on (and the collator adds none).
+    """
+    rows: list[list[dict]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for sample in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True):
+        n = len(sample["input_ids"])
+        i = bisect.bisect_left(free, (n, -1))  # the fullest row it still fits in
+        if i == len(free):
+            rows.append([sample])
+            room, row = max_length - n, len(rows) - 1
+        else:
+            room, row = free.pop(i)
+            rows[row].append(sample)
+            room -= n
+        bisect.insort(free, (room, row))
+    return rows
+
+
+class PackedCollator:
+    """Flatten a batch of packed rows into one sequence with `position_ids` restarting at each sample.
+
+    transformers then builds block-diagonal causal attention from the restarts, but only when there is neither an
+    `attention_mask` nor a KV cache: the batch itself turns the cache off, since a model whose config says
+    `use_cache=True` would otherwise build one and silently attend across samples.
+    """
+
+    def __init__(self):
+        self.flatten = DataCollatorWithFlattening()
+
+    def __call__(self, rows: list[list[dict]]) -> dict:
+        return {**self.flatten([sample for row in rows for sample in row]), "use_cache": False}
+
+
+class ListDataset(Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: TrainingArguments) -> dict:
+    """Fine-tune `model_args.model` on `sft_args.train_file`; save the model and `metrics.json` in the output
+    directory. Returns the metrics."""
+    tokenizer = load_tokenizer(model_args.model)
+
+    def load_base():
+        return AutoModelForCausalLM.from_pretrained(model_args.model)
+
+    model = add_lora(load_base(), model_args, task_type="CAUSAL_LM")
+
+    def dataset(path):
+        samples = load_sft_samples(path, tokenizer, sft_args.max_length)
+        return ListDataset(pack(samples, sft_args.max_length) if sft_args.packing else samples)
+
+    if sft_args.packing:
+        collator = PackedCollator()
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset(sft_args.train_file),
+        eval_dataset=dataset(sft_args.eval_file) if sft_args.eval_file else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    # Non-padding tokens (every token when packed) per second in this session (a resumed run counts from its start).
+    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    metrics["train_useful_tokens_per_second"] = tokens / metrics["train_runtime"]
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    save_final(trainer, model_args, load_base, metrics)
+    return metrics

@@ -1,0 +1,93 @@
+"""Tiny tokenizer, models and data for the alignment trainer tests (no downloads)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+try:  # the project's own classes once they exist; transformers' Llama classes mirror them exactly
+    from modeling_llama2 import Llama2Config as Config
+    from modeling_llama2 import Llama2ForCausalLM as CausalLM
+    from modeling_llama2 import Llama2ForSequenceClassification as SequenceClassification
+except ImportError:
+    from transformers import LlamaConfig as Config
+    from transformers import LlamaForCausalLM as CausalLM
+    from transformers import LlamaForSequenceClassification as SequenceClassification
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the a cat dog bird sat ran flew on under mat tree house red blue green big small happy sad".split()
+COLORS = ["red", "blue", "green"]
+ANIMALS = ["cat", "dog", "bird"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-like fast tokenizer (metaspace BPE, byte fallback, `<unk>`/`<s>`/`</s>` = 0/1/2) trained on a few KB."""
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+    text += ["[INST] <<SYS>>\n be nice \n<</SYS>>\n\n what color is the cat? [/INST] the cat is red"] * 20
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=360, special_tokens=specials, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(vocab_size: int, **kwargs) -> Config:
+    return Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        **kwargs,
+    )
+
+
+def save_causal_lm(path: Path, seed: int = 0) -> Path:
+    """A tiny random causal LM with its tokenizer, saved like a real checkpoint."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    CausalLM(tiny_config(len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def qa_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Questions with one right, learnable answer each."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        animal, color = rng.choice(ANIMALS), rng.choice(COLORS)
+        pairs.append((f"the {animal} is {color}. what color is the {animal}?", f"the {animal} is {color}"))
+    return pairs
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_script(name: str, *args, launcher: tuple[str, ...] = (), timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `examples/<name>` in a fresh process on one CPU thread; fail with its output if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    command = [*(launcher or (sys.executable,)), str(REPO / "examples" / name), *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def logged_losses(output_dir: Path, key: str = "loss") -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry[key] for entry in state["log_history"] if key in entry]
