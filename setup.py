@@ -24,6 +24,7 @@ setup(
         "peft": ["peft>=0.21,<0.22"],
         "plot": ["matplotlib>=3.8"],
         "test": ["pytest>=8", "peft>=0.21,<0.22", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "peft>=0.21,<0.22", "matplotlib>=3.8", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["llama2-convert=conversion.__main__:main"]},
 )
