@@ -2,3 +2,7 @@
 
 Run `llama2-convert --help` (or `python -m conversion --help`).
 """
+
+
+class ConversionError(ValueError):
+    """Bad input: the message says what is wrong and what to do about it."""

@@ -101,3 +101,9 @@ def save_tokenizer(model_file: str | Path, output_dir: str | Path, *, chat: bool
     tokenizer.save_pretrained(output_dir)
     Path(output_dir, "tokenizer.model").write_bytes(Path(model_file).read_bytes())
     return tokenizer
+
+
+def token_config(model_file: str | Path) -> dict[str, int]:
+    """The config entries a tokenizer decides: vocabulary size and the BOS/EOS ids."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    return {"vocab_size": sp.get_piece_size(), "bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
