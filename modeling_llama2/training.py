@@ -35,7 +35,7 @@ def parse_args(*dataclass_types: type, **defaults: Any) -> tuple:
     """
     parser = HfArgumentParser((*dataclass_types, TrainingArguments))
     parser.add_argument("--num-epochs", dest="num_train_epochs", type=float, help="Alias of --num-train-epochs.")
-    parser.set_defaults(logging_steps=10, **defaults)
+    parser.set_defaults(logging_steps=10, ddp_find_unused_parameters=False, **defaults)
     *script_args, training_args = parser.parse_args_into_dataclasses()
     # The collators here read fields the model's forward does not name (margins, ratings, packed samples).
     training_args.remove_unused_columns = False
@@ -121,4 +121,4 @@ def save_final(
     trainer.save_state()
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+            json.dump({**metrics, "world_size": trainer.args.world_size}, f, indent=2)

@@ -11,14 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-try:  # the project's own classes once they exist; transformers' Llama classes mirror them exactly
-    from modeling_llama2 import Llama2Config as Config
-    from modeling_llama2 import Llama2ForCausalLM as CausalLM
-    from modeling_llama2 import Llama2ForSequenceClassification as SequenceClassification
-except ImportError:
-    from transformers import LlamaConfig as Config
-    from transformers import LlamaForCausalLM as CausalLM
-    from transformers import LlamaForSequenceClassification as SequenceClassification
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog bird sat ran flew on under mat tree house red blue green big small happy sad".split()
@@ -39,8 +32,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_config(vocab_size: int, **kwargs) -> Config:
-    return Config(
+def tiny_config(vocab_size: int, **kwargs) -> Llama2Config:
+    return Llama2Config(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -59,7 +52,7 @@ def save_causal_lm(path: Path, seed: int = 0) -> Path:
     """A tiny random causal LM with its tokenizer, saved like a real checkpoint."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    CausalLM(tiny_config(len(tokenizer))).save_pretrained(path)
+    Llama2ForCausalLM(tiny_config(len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

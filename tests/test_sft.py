@@ -1,0 +1,156 @@
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
+from modeling_llama2.sft import PackedCollator, load_sft_samples, pack
+from tests.alignment_helpers import logged_losses, make_tokenizer, qa_pairs, run_script, save_causal_lm, tiny_config
+from tests.alignment_helpers import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tiny_lm(tokenizer, attn_implementation="sdpa"):
+    torch.manual_seed(0)
+    model = Llama2ForCausalLM(tiny_config(len(tokenizer))).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def exchange(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_loss_ignores_prompt_targets_and_follows_response_targets(tokenizer):
+    model, encode = tiny_lm(tokenizer), tokenizer_encoder(tokenizer)
+
+    def labels_of(question, answer):
+        return torch.tensor([encode_dialog(exchange(question, answer), encode, 1, 2)[1]])
+
+    ids, labels = encode_dialog(exchange("the cat is red. what color?", "the cat is red"), encode, 1, 2)
+    other_prompt = labels_of("the dog is red. what color?", "the cat is red")
+    other_response = labels_of("the cat is red. what color?", "the dog is red")
+    assert other_prompt.shape == other_response.shape == (1, len(ids))  # one-token swaps: same positions
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+
+    def loss(labels):
+        return model.loss_function(logits, labels, vocab_size=model.config.vocab_size)
+
+    assert torch.equal(loss(other_prompt), loss(torch.tensor([labels])))
+    assert not torch.allclose(loss(other_response), loss(torch.tensor([labels])))
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implementation):
+    records = [{"prompt": q, "response": a} for q, a in qa_pairs(7)]
+    records[2] = {"messages": [{"role": "system", "content": "be brief"}, *exchange(*qa_pairs(1, seed=3)[0])]}
+    samples = load_sft_samples(write_jsonl(tmp_path / "sft.jsonl", records), tokenizer, max_length=128)
+    rows = pack(samples, max_length=128)
+    assert len(rows) < len(samples)  # several samples share each row
+    batch = PackedCollator()(rows)
+    model = tiny_lm(tokenizer, attn_implementation)
+    assert model.config.use_cache  # the default, under which an unmarked packed batch would leak attention
+
+    n_tokens = sum(len(s["input_ids"]) for s in samples)
+    assert batch["input_ids"].shape == (1, n_tokens) and "attention_mask" not in batch  # no padding at all
+    with torch.no_grad():
+        packed = model(**batch)
+        summed, n_targets = 0.0, 0
+        for row in rows:
+            for s in row:
+                out = model(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]]))
+                n = sum(label != IGNORE_INDEX for label in s["labels"][1:])
+                summed, n_targets = summed + out.loss * n, n_targets + n
+    torch.testing.assert_close(packed.loss, summed / n_targets, rtol=0, atol=1e-5)
+
+
+def test_pack_fills_rows_with_whole_samples():
+    samples = [{"input_ids": [i] * n} for i, n in enumerate([2, 6, 3, 5, 4])]
+    rows = pack(samples, max_length=10)
+    assert [sum(len(s["input_ids"]) for s in row) for row in rows] == [10, 10]
+    assert sorted(s["input_ids"][0] for row in rows for s in row) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "the cat"}, 'need "messages" or both "prompt" and "response"'),
+        ({"messages": [{"role": "user", "content": "the cat"}]}, "must end with an assistant message"),
+        ({"prompt": "the cat " * 40, "response": "red"}, "the prompt alone fills --max-length 32"),
+    ],
+)
+def test_bad_records_are_refused_with_their_line(tmp_path, tokenizer, record, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, record])
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
+        load_sft_samples(str(path), tokenizer, max_length=32)
+
+
+def test_long_response_is_truncated_to_max_length(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "the cat", "response": "red " * 40}])
+    (sample,) = load_sft_samples(str(path), tokenizer, max_length=32)
+    assert len(sample["input_ids"]) == len(sample["labels"]) == 32
+
+
+def sft_data(tmp_path, n=48):
+    records = [{"prompt": q, "response": a} for q, a in qa_pairs(n)]
+    records[0] = {"messages": [{"role": "system", "content": "be brief"}, *exchange(*qa_pairs(1, seed=5)[0])]}
+    return write_jsonl(tmp_path / "sft.jsonl", records)
+
+
+def test_sft_script_trains_and_saves_a_loadable_model(tmp_path):
+    model_dir, out = save_causal_lm(tmp_path / "model"), tmp_path / "out"
+    data = sft_data(tmp_path)
+    run_script(
+        "sft.py", "--model", model_dir, "--train-file", data, "--eval-file", data, "--output-dir", out,
+        "--max-steps", 24, "--learning-rate", 3e-3, "--per-device-train-batch-size", 2, "--max-length", 128,
+        "--logging-steps", 4, "--save-strategy", "no", "--use-cpu",
+    )  # fmt: skip
+    losses = logged_losses(out)
+    assert losses[-1] < losses[0] - 0.5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_useful_tokens_per_second"] > 0 and metrics["eval_loss"] < losses[0]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, Llama2ForCausalLM) and model.config.use_cache
+
+
+def test_sft_script_lora_checkpoint_resume(tmp_path):
+    model_dir, out = save_causal_lm(tmp_path / "model"), tmp_path / "out"
+    common = (
+        "--model", model_dir, "--train-file", sft_data(tmp_path, n=16), "--output-dir", out, "--lora",
+        "--lora-r", 4, "--learning-rate", 1e-2, "--max-length", 128, "--save-steps", 3, "--logging-steps", 1,
+        "--use-cpu",
+    )  # fmt: skip
+    run_script("sft.py", *common, "--max-steps", 3)
+    assert (out / "checkpoint-3").is_dir()
+    first_run = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    run_script("sft.py", *common, "--max-steps", 6, "--resume-from-checkpoint", out / "checkpoint-3")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    # Steps 1-3 come from the checkpoint: a fresh 6-step run would have logged a slower-decaying learning rate.
+    assert state["log_history"][:3] == first_run[:3]
+    base, tuned = Llama2ForCausalLM.from_pretrained(model_dir), Llama2ForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name in tuned.state_dict())  # merged: a plain Llama 2 checkpoint
+    assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight, tuned.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_sft_script_runs_distributed_on_two_cpu_processes(tmp_path):
+    model_dir, out = save_causal_lm(tmp_path / "model"), tmp_path / "out"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    run_script(
+        "sft.py", "--model", model_dir, "--train-file", sft_data(tmp_path, n=16), "--output-dir", out,
+        "--max-steps", 4, "--max-length", 128, "--logging-steps", 1, "--save-strategy", "no", "--use-cpu",
+        "--ddp-backend", "gloo", launcher=launcher,
+    )  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), Llama2ForCausalLM)
