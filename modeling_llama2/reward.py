@@ -1,0 +1,181 @@
+"""Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin, per-rating accuracy, and the
+combination of the helpfulness and safety scores used to rank samples."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, EvalPrediction, PreTrainedModel, Trainer
+from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+from .chat_format import encode_dialog, tokenizer_encoder
+from .sft import ListDataset, truncate
+from .training import ModelArguments, add_lora, load_tokenizer, read_jsonl, save_final
+
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
+# Table 27 of the Llama 2 paper: margin m(rating) per rating, in the order of RATINGS.
+MARGINS = {"small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0), "none": (0.0, 0.0, 0.0, 0.0)}
+SAFETY_THRESHOLD = 0.15
+
+
+@dataclass
+class RewardArguments:
+    train_file: str = field(metadata={"help": 'JSONL of {"prompt", "chosen", "rejected", "rating"}.'})
+    eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
+    objective: Literal["helpfulness", "safety"] = field(
+        default="helpfulness",
+        metadata={"help": "Which of the paper's two reward models; records tagged with another `objective` are skipped."},
+    )
+    margin: Literal["small", "large", "none"] = field(
+        default="small", metadata={"help": "Margin table (paper Table 27), or `none` for the plain ranking loss."}
+    )
+    max_length: int = field(default=4096, metadata={"help": "Tokens per prompt + response."})
+
+
+def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The paper's binary ranking loss, `-log(sigmoid(r_chosen - r_rejected - m(rating)))`, averaged."""
+    return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+def combined_reward(
+    helpfulness: torch.Tensor, safety: torch.Tensor, unsafe_prompt: torch.Tensor, threshold: float = SAFETY_THRESHOLD
+) -> torch.Tensor:
+    """The paper's reward for ranking samples: the safety score where the prompt is marked unsafe or the safety
+    score is below `threshold`, the helpfulness score elsewhere.
+
+    Scores are the reward models' outputs (logits); the threshold applies to their sigmoid, as in the paper. The
+    result stays a logit, i.e. `LOGIT(R_c)`; the paper's whitening only matters for PPO, not for picking a best sample.
+    """
+    use_safety = unsafe_prompt | (torch.sigmoid(safety) < threshold)
+    return torch.where(use_safety, safety, helpfulness)
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of token rows padded on the right."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def score(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Reward of each token row (a prompt and its response in the chat format)."""
+    input_ids, attention_mask = pad_right(rows, pad_id)
+    return model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits[:, 0]
+
+
+def prompt_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt given as text (one user message) or as a dialog ending with a user message."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def encode_response(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], response: str
+) -> tuple[list[int], list[int]]:
+    """Token ids (and labels) the reward model reads: the dialog closed by `response` as the assistant's turn."""
+    conversation = [*messages, {"role": "assistant", "content": response}]
+    return encode_dialog(conversation, tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArguments) -> list[dict]:
+    """Tokenized comparisons `{"chosen", "rejected", "rating", "margin"}` of the records for `args.objective`."""
+    pairs = []
+    for line_no, record in read_jsonl(path, required=("prompt", "chosen", "rejected", "rating")):
+        where = f"{path}:{line_no}"
+        if record.get("objective", args.objective) != args.objective:
+            continue
+        if record["rating"] not in RATINGS:
+            raise ValueError(f"{where}: unknown rating {record['rating']!r}; use one of {list(RATINGS)}.")
+        rating = RATINGS.index(record["rating"])
+        pair = {"rating": rating, "margin": MARGINS[args.margin][rating]}
+        for key in ("chosen", "rejected"):
+            try:
+                ids, labels = encode_response(tokenizer, prompt_messages(record["prompt"]), record[key])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
+            pair[key] = truncate(ids, labels, args.max_length, where)[0]
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{path} holds no {args.objective} comparisons.")
+    return pairs
+
+
+class PairCollator:
+    """Chosen responses then rejected ones, right-padded into one batch of 2 x B rows."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        input_ids, attention_mask = pad_right([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], self.pad_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "margin": torch.tensor([p["margin"] for p in pairs]),
+            "rating": torch.tensor([p["rating"] for p in pairs]),
+        }
+
+
+class RewardTrainer(Trainer):
+    """`Trainer` with the margin ranking loss; evaluation predicts `(r_chosen, r_rejected)` with the rating as label."""
+
+    loss_is_scaled_for_ga = False  # the loss is a per-batch mean: let Trainer divide by accumulation steps
+
+    def _rewards(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
+        return rewards.chunk(2)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self._rewards(model, inputs)
+        loss = ranking_loss(chosen, rejected, inputs["margin"])
+        return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), rewards, inputs["rating"]
+
+
+def ranking_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Accuracy (chosen scored above rejected) overall and per rating level, as in the paper's Table 8."""
+    rewards, ratings = torch.as_tensor(prediction.predictions), torch.as_tensor(prediction.label_ids)
+    correct = (rewards[:, 0] > rewards[:, 1]).float()
+    metrics = {"accuracy": correct.mean().item()}
+    for i, rating in enumerate(RATINGS):
+        if (ratings == i).any():
+            metrics[f"accuracy_{rating.split(' /')[0].replace(' ', '_')}"] = correct[ratings == i].mean().item()
+    return metrics
+
+
+def run_reward_model(model_args: ModelArguments, reward_args: RewardArguments, training_args: TrainingArguments) -> dict:
+    """Train a one-output reward model from `model_args.model` (the SFT model); save it and `metrics.json`."""
+    tokenizer = load_tokenizer(model_args.model)
+
+    def load_base():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model, num_labels=1, id2label={0: reward_args.objective}, label2id={reward_args.objective: 0}
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last token that is not padding
+        return model
+
+    model = add_lora(load_base(), model_args, task_type="SEQ_CLS")
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ListDataset(load_pairs(reward_args.train_file, tokenizer, reward_args)),
+        eval_dataset=ListDataset(load_pairs(reward_args.eval_file, tokenizer, reward_args)) if reward_args.eval_file else None,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_metrics=ranking_metrics,
+    )
+    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    save_final(trainer, model_args, load_base, metrics)
+    return metrics
