@@ -30,6 +30,7 @@ from . import ConversionError
 from .hf import DTYPES, SAFETENSORS_DTYPES, LazyTensor, check_output_dir, parse_size, save_hf_checkpoint, staging_dir
 from .tokenizer import token_config
 
+STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 IGNORED_KEYS = {"rope.freqs"}  # Meta's precomputed rotary frequencies, recomputed by every model
 LLAMA2_POSITIONS = 4096
 
@@ -205,9 +206,9 @@ def verify_checksums(input_dir: Path) -> None:
     if not checklist.exists():
         return
     entries = [line.split() for line in checklist.read_text().splitlines() if line.strip()]
+    if missing := [name for _, name in entries if not (input_dir / name).exists()]:
+        raise ConversionError(f"checklist.chk lists {_some(missing)}, which is not in {input_dir}; the download is incomplete.")
     for digest, name in tqdm(entries, desc="Verifying checklist.chk", unit="file"):
-        if not (input_dir / name).exists():
-            raise ConversionError(f"checklist.chk lists {name}, which is not in {input_dir}; the download is incomplete.")
         if md5sum(input_dir / name) != digest:
             raise ConversionError(f"{name} does not match its md5 sum in checklist.chk: the file is corrupt or incomplete; download it again (or pass --skip-checksum).")
 
@@ -275,19 +276,23 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int
     config = AutoConfig.from_pretrained(input_dir)
     files = _safetensors_files(input_dir)
     specs = weights(config)
-
-    def source(w: Weight) -> tuple[str, str]:
+    # Where each Meta tensor comes from, checked before anything is written; a tied lm_head is the embedding.
+    sources, dtypes = {}, {}
+    for w in specs:
         name = "model.embed_tokens.weight" if config.tie_word_embeddings and w.hf == "lm_head.weight" else w.hf
         if name not in files:
             raise ConversionError(f"{input_dir} has no tensor {name}; it is not a complete Llama checkpoint.")
-        return files[name], name
+        with safe_open(input_dir / files[name], "pt") as f:
+            stored = f.get_slice(name)
+            shape, dtype = tuple(stored.get_shape()), stored.get_dtype()
+        if shape != w.shape:
+            raise ConversionError(f"{input_dir}: {name} has shape {shape}, but config.json gives {w.shape}.")
+        if dtype not in STORED_DTYPES:
+            raise ConversionError(f"{input_dir}: {name} is {dtype}; Meta checkpoints hold F16, BF16 or F32 weights.")
+        sources[w.meta], dtypes[w.meta] = (input_dir / files[name], name), STORED_DTYPES[dtype]
 
     with staging_dir(output_dir, overwrite=overwrite) as staging:
         (staging / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
-        dtypes = {}
-        for w in specs:
-            with safe_open(input_dir / source(w)[0], "pt") as f:
-                dtypes[w.meta] = {v: k for k, v in SAFETENSORS_DTYPES.items()}[f.get_slice(source(w)[1]).get_dtype()]
         paths = [staging / f"consolidated.{i:02d}.pth" for i in range(num_shards)]
         with FakeTensorMode():
             skeleton = {w.meta: torch.empty(w.shard_shape(num_shards), dtype=dtypes[w.meta]) for w in specs}
@@ -297,11 +302,9 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int
         with set_default_mmap_options(mmap.MAP_SHARED):
             shards = [torch.load(path, mmap=True, weights_only=True) for path in paths]
         for w in tqdm(specs, desc="Writing Meta shards", unit="tensor"):
-            file, name = source(w)
-            with safe_open(input_dir / file, "pt") as f:
+            file, name = sources[w.meta]
+            with safe_open(file, "pt") as f:
                 tensor = f.get_tensor(name)
-            if tuple(tensor.shape) != w.shape:
-                raise ConversionError(f"{input_dir}: {name} has shape {tuple(tensor.shape)}, config.json gives {w.shape}.")
             if w.rotary_heads:
                 tensor = to_interleaved(tensor, w.rotary_heads)
             pieces = [tensor] * num_shards if w.axis is None else tensor.chunk(num_shards, dim=w.axis)

@@ -221,6 +221,10 @@ def test_checksum_mismatch_and_skip_checksum(tmp_path, capsys):
     assert "consolidated.00.pth does not match its md5 sum" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf", "--skip-checksum") == 0
+    with open(source / "checklist.chk", "a") as f:  # a download that lost its second shard
+        f.write("d41d8cd98f00b204e9800998ecf8427e  consolidated.01.pth\n")
+    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf2") == 2
+    assert "checklist.chk lists consolidated.01.pth, which is not in" in capsys.readouterr().err
 
 
 def test_refuses_non_empty_output_unless_overwrite(tmp_path, capsys):
@@ -283,3 +287,17 @@ def test_llama2c_rejects_other_versions_and_truncation(tmp_path, capsys):
     assert convert("llama2c-to-hf", "--checkpoint", tmp_path / "model.bin", "--output-dir", tmp_path / "hf") == 2
     assert "truncated" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_hf_to_meta_errors(tmp_path, capsys):
+    source = write_meta_checkpoint(tmp_path / "m", MHA, meta_shards(random_state(MHA, 96), 1))
+    assert convert("hf-to-meta", "--input-dir", source, "--output-dir", tmp_path / "back", "--num-shards", 1) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())
+    del weight_map["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    index.write_text(json.dumps(weight_map))
+    assert convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 1) == 2
+    assert "has no tensor model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()
