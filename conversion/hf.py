@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from modeling_llama2 import Llama2Config
+
 from . import ConversionError
 from .tokenizer import save_tokenizer
 
@@ -94,8 +96,7 @@ def write_safetensors(output_dir: Path, tensors: list[LazyTensor], *, dtype: tor
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for tensor in shard:
-            target = dtype or tensor.dtype
-            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[target], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes[tensor.name]]}
+            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[dtype or tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes[tensor.name]]}
             offset += nbytes[tensor.name]
             weight_map[tensor.name] = filename
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -104,8 +105,6 @@ def write_safetensors(output_dir: Path, tensors: list[LazyTensor], *, dtype: tor
             f.write(len(encoded).to_bytes(8, "little") + encoded)
             for tensor in shard:
                 data = tensor.load().to(dtype or tensor.dtype).contiguous()
-                if tuple(data.shape) != tensor.shape:
-                    raise ConversionError(f"{tensor.name} has shape {tuple(data.shape)}, expected {tensor.shape}.")
                 f.write(data.reshape(-1).view(torch.uint8).numpy().data)
                 progress.update()
     progress.close()
@@ -115,7 +114,7 @@ def write_safetensors(output_dir: Path, tensors: list[LazyTensor], *, dtype: tor
 
 def save_hf_checkpoint(
     output_dir: str | Path,
-    config,
+    config: Llama2Config,
     tensors: list[LazyTensor],
     *,
     dtype: torch.dtype | None,
