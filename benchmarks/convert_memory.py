@@ -26,12 +26,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_checkpoint(folder: Path, *, dim: int, layers: int, shards: int, vocab: int) -> int:
     """Write a random Meta checkpoint shard by shard (one shard in memory at a time); return its size."""
     heads, ffn = dim // 64, 256 * -(-int(8 * dim / 3) // 256)
-    params = {"dim": dim, "n_layers": layers, "n_heads": heads, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": vocab}
+    params = {
+        "dim": dim,
+        "n_layers": layers,
+        "n_heads": heads,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+        "vocab_size": vocab,
+    }
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(params))
     rand = lambda *shape: torch.empty(shape, dtype=torch.bfloat16).uniform_(-0.05, 0.05)  # noqa: E731
     for rank in range(shards):
-        shard = {"tok_embeddings.weight": rand(vocab, dim // shards), "norm.weight": torch.ones(dim, dtype=torch.bfloat16), "output.weight": rand(vocab // shards, dim)}
+        shard = {
+            "tok_embeddings.weight": rand(vocab, dim // shards),
+            "norm.weight": torch.ones(dim, dtype=torch.bfloat16),
+            "output.weight": rand(vocab // shards, dim),
+        }
         for i in range(layers):
             p = f"layers.{i}."
             shard |= {
@@ -80,15 +91,35 @@ def main() -> None:
     args = parser.parse_args()
 
     shutil.rmtree(args.workdir, ignore_errors=True)
-    size = build_checkpoint(args.workdir / "meta", dim=args.dim, layers=args.layers, shards=args.shards, vocab=args.vocab)
+    size = build_checkpoint(
+        args.workdir / "meta", dim=args.dim, layers=args.layers, shards=args.shards, vocab=args.vocab
+    )
     convert = [sys.executable, "-m", "conversion"]
     runs = {
-        "python + torch + transformers imports only": measure([sys.executable, "-c", "import conversion.meta, conversion.llama2c"]),
+        "python + torch + transformers imports only": measure(
+            [sys.executable, "-c", "import conversion.meta, conversion.llama2c"]
+        ),
         f"meta-to-hf ({args.shards} shards -> safetensors)": measure(
-            [*convert, "meta-to-hf", "--input-dir", str(args.workdir / "meta"), "--output-dir", str(args.workdir / "hf")]
+            [
+                *convert,
+                "meta-to-hf",
+                "--input-dir",
+                str(args.workdir / "meta"),
+                "--output-dir",
+                str(args.workdir / "hf"),
+            ]
         ),
         f"hf-to-meta (safetensors -> {args.shards} shards)": measure(
-            [*convert, "hf-to-meta", "--input-dir", str(args.workdir / "hf"), "--output-dir", str(args.workdir / "back"), "--num-shards", str(args.shards)]
+            [
+                *convert,
+                "hf-to-meta",
+                "--input-dir",
+                str(args.workdir / "hf"),
+                "--output-dir",
+                str(args.workdir / "back"),
+                "--num-shards",
+                str(args.shards),
+            ]
         ),
     }
     gb = 1e9
@@ -96,7 +127,10 @@ def main() -> None:
     print("| run | time (s) | peak RssAnon (GB) | RssAnon / checkpoint | peak RssFile (GB) | peak VmRSS (GB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in runs.items():
-        print(f"| {name} | {r['seconds']:.1f} | {r['RssAnon'] / gb:.3f} | {r['RssAnon'] / size:.1%} | {r['RssFile'] / gb:.3f} | {r['VmRSS'] / gb:.3f} |")
+        print(
+            f"| {name} | {r['seconds']:.1f} | {r['RssAnon'] / gb:.3f} | {r['RssAnon'] / size:.1%} "
+            f"| {r['RssFile'] / gb:.3f} | {r['VmRSS'] / gb:.3f} |"
+        )
     shutil.rmtree(args.workdir)
 
 

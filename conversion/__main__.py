@@ -15,9 +15,21 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def _writer_options(parser: argparse.ArgumentParser) -> None:
-    _option(parser, "--output-dir", required=True, help="Folder to create; written to a temporary folder beside it, renamed at the end.")
-    _option(parser, "--dtype", choices=["float16", "bfloat16", "float32"], help="Weight dtype (default: as stored in the checkpoint).")
-    _option(parser, "--max-shard-size", default="5GB", help="Largest safetensors file, e.g. 5GB or 500MiB (default: 5GB).")
+    _option(
+        parser,
+        "--output-dir",
+        required=True,
+        help="Folder to create; written to a temporary folder beside it, renamed at the end.",
+    )
+    _option(
+        parser,
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="Weight dtype (default: as stored in the checkpoint).",
+    )
+    _option(
+        parser, "--max-shard-size", default="5GB", help="Largest safetensors file, e.g. 5GB or 500MiB (default: 5GB)."
+    )
     _option(parser, "--tokenizer", help="tokenizer.model (default: one in or above the input folder).")
     _option(parser, "--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
 
@@ -30,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     _option(meta, "--input-dir", required=True, help="Meta's checkpoint folder, e.g. llama-2-13b/.")
     _writer_options(meta)
     _option(meta, "--max-position-embeddings", type=int, default=4096, help="Context length (default: Llama 2's 4096).")
-    _option(meta, "--chat", action=argparse.BooleanOptionalAction, help="Write the Llama 2 chat template (default: if the folder name contains 'chat').")
+    _option(
+        meta,
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="Write the Llama 2 chat template (default: if the folder name contains 'chat').",
+    )
     _option(meta, "--skip-checksum", action="store_true", help="Do not verify checklist.chk.")
 
     hf = commands.add_parser("hf-to-meta", help="Hugging Face folder -> Meta's consolidated.*.pth + params.json.")
@@ -39,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(hf, "--num-shards", type=int, required=True, help="Model-parallel shards: 1 for 7B, 2 for 13B, 8 for 70B.")
     _option(hf, "--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
 
-    llama2c = commands.add_parser("llama2c-to-hf", help="llama2.c ckpt.pt or exported .bin (version 0 or 1) -> Hugging Face folder.")
+    llama2c = commands.add_parser(
+        "llama2c-to-hf", help="llama2.c ckpt.pt or exported .bin (version 0 or 1) -> Hugging Face folder."
+    )
     _option(llama2c, "--checkpoint", required=True, help="llama2.c ckpt.pt or model.bin.")
     _writer_options(llama2c)
     return parser

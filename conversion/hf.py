@@ -77,7 +77,9 @@ def staging_dir(output_dir: Path, *, overwrite: bool) -> Iterator[Path]:
     os.replace(staging, output_dir)
 
 
-def write_safetensors(output_dir: Path, tensors: list[LazyTensor], *, dtype: torch.dtype | None, max_shard_size: int) -> None:
+def write_safetensors(
+    output_dir: Path, tensors: list[LazyTensor], *, dtype: torch.dtype | None, max_shard_size: int
+) -> None:
     """Write `model-0000i-of-0000n.safetensors` files of at most `max_shard_size` bytes (a larger tensor
     gets a file of its own) and `model.safetensors.index.json`, converting to `dtype` when given."""
     nbytes = {t.name: math.prod(t.shape) * (dtype or t.dtype).itemsize for t in tensors}
@@ -96,7 +98,11 @@ def write_safetensors(output_dir: Path, tensors: list[LazyTensor], *, dtype: tor
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for tensor in shard:
-            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[dtype or tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes[tensor.name]]}
+            header[tensor.name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype or tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + nbytes[tensor.name]],
+            }
             offset += nbytes[tensor.name]
             weight_map[tensor.name] = filename
         encoded = json.dumps(header, separators=(",", ":")).encode()

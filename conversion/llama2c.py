@@ -25,11 +25,23 @@ def read_ckpt(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[st
     """`ckpt.pt` from llama2.c's train.py: `model_args` and the (maybe `torch.compile`d) `model` state."""
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise ConversionError(f"{path} has no 'model' and 'model_args'; it is not a llama2.c training checkpoint (ckpt.pt).")
+        raise ConversionError(
+            f"{path} has no 'model' and 'model_args'; it is not a llama2.c training checkpoint (ckpt.pt)."
+        )
     args = ckpt["model_args"]
     state = {name.removeprefix("_orig_mod."): tensor for name, tensor in ckpt["model"].items()}
     hidden = args.get("hidden_dim") or ffn_dim(args["dim"], args["multiple_of"])
-    config = _config(args["dim"], hidden, args["n_layers"], args["n_heads"], args.get("n_kv_heads") or args["n_heads"], args["vocab_size"], args["max_seq_len"], args.get("norm_eps", 1e-5), tokenizer)
+    config = _config(
+        args["dim"],
+        hidden,
+        args["n_layers"],
+        args["n_heads"],
+        args.get("n_kv_heads") or args["n_heads"],
+        args["vocab_size"],
+        args["max_seq_len"],
+        args.get("norm_eps", 1e-5),
+        tokenizer,
+    )
     embedding, output = state.get("tok_embeddings.weight"), state.get("output.weight")
     config.tie_word_embeddings = embedding is not None and output is not None and torch.equal(embedding, output)
     return config, state
@@ -44,7 +56,10 @@ def read_bin(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[str
     magic, version = struct.unpack_from("<Ii", header)
     if magic == MAGIC:
         if version != 1:
-            raise ConversionError(f"{path} is a llama2.c export of version {version}; only versions 0 and 1 (fp32) can be imported. Export with `python export.py --version 1`.")
+            raise ConversionError(
+                f"{path} is a llama2.c export of version {version}; only versions 0 and 1 (fp32) can be "
+                "imported. Export with `python export.py --version 1`."
+            )
         dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack_from("<7i", header, 8)
         shared, offset = bool(header[36]), HEADER_V1
     else:  # version 0 flags an untied classifier with a negative vocabulary size
@@ -56,18 +71,46 @@ def read_bin(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[str
     shapes = {w.meta: w.shape for w in weights(config)}
     freqs = (seq_len, config.head_dim // 2)
     per_layer = lambda key: [f"layers.{i}.{key}" for i in range(layers)]  # noqa: E731
-    ffn = [*per_layer("feed_forward.w1.weight"), *per_layer("feed_forward.w2.weight"), *per_layer("feed_forward.w3.weight")]
-    attention = [*per_layer("attention.wq.weight"), *per_layer("attention.wk.weight"), *per_layer("attention.wv.weight"), *per_layer("attention.wo.weight")]
+    ffn = [
+        *per_layer("feed_forward.w1.weight"),
+        *per_layer("feed_forward.w2.weight"),
+        *per_layer("feed_forward.w3.weight"),
+    ]
+    attention = [
+        *per_layer("attention.wq.weight"),
+        *per_layer("attention.wk.weight"),
+        *per_layer("attention.wv.weight"),
+        *per_layer("attention.wo.weight"),
+    ]
     if magic == MAGIC:
-        order = [*per_layer("attention_norm.weight"), *per_layer("ffn_norm.weight"), "norm.weight", "tok_embeddings.weight", *attention, *ffn]
+        order = [
+            *per_layer("attention_norm.weight"),
+            *per_layer("ffn_norm.weight"),
+            "norm.weight",
+            "tok_embeddings.weight",
+            *attention,
+            *ffn,
+        ]
     else:
-        order = ["tok_embeddings.weight", *per_layer("attention_norm.weight"), *attention, *per_layer("ffn_norm.weight"), *ffn, "norm.weight", "freqs_cos", "freqs_sin"]
+        order = [
+            "tok_embeddings.weight",
+            *per_layer("attention_norm.weight"),
+            *attention,
+            *per_layer("ffn_norm.weight"),
+            *ffn,
+            "norm.weight",
+            "freqs_cos",
+            "freqs_sin",
+        ]
         shapes |= {"freqs_cos": freqs, "freqs_sin": freqs}
     order += [] if shared else ["output.weight"]
 
     sizes = [torch.Size(shapes[name]).numel() for name in order]
     if offset + 4 * sum(sizes) != path.stat().st_size:
-        raise ConversionError(f"{path} holds {path.stat().st_size} bytes but its header describes {offset + 4 * sum(sizes)}; the file is truncated or not a llama2.c export.")
+        raise ConversionError(
+            f"{path} holds {path.stat().st_size} bytes but its header describes {offset + 4 * sum(sizes)}; "
+            "the file is truncated or not a llama2.c export."
+        )
     data = torch.from_file(str(path), shared=False, size=path.stat().st_size // 4, dtype=torch.float32)
     state = {name: chunk.view(shapes[name]) for name, chunk in zip(order, data[offset // 4 :].split(sizes))}
     for name in ("freqs_cos", "freqs_sin"):
@@ -77,8 +120,26 @@ def read_bin(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[str
     return config, state
 
 
-def _config(dim: int, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, seq_len: int, norm_eps: float, tokenizer: Path | None) -> Llama2Config:
-    params = {"dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": kv_heads, "vocab_size": vocab, "norm_eps": norm_eps, **ffn_params(dim, hidden)}
+def _config(
+    dim: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    seq_len: int,
+    norm_eps: float,
+    tokenizer: Path | None,
+) -> Llama2Config:
+    params = {
+        "dim": dim,
+        "n_layers": layers,
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "vocab_size": vocab,
+        "norm_eps": norm_eps,
+        **ffn_params(dim, hidden),
+    }
     return config_from_params(params, tokenizer=tokenizer, max_position_embeddings=seq_len)
 
 

@@ -49,7 +49,10 @@ class Weight:
         if self.axis is None:
             return self.shape
         if self.shape[self.axis] % num_shards:
-            raise ConversionError(f"{self.meta} of shape {self.shape} cannot be split into {num_shards} equal shards along dim {self.axis}.")
+            raise ConversionError(
+                f"{self.meta} of shape {self.shape} cannot be split into {num_shards} equal shards "
+                f"along dim {self.axis}."
+            )
         return tuple(n // num_shards if dim == self.axis else n for dim, n in enumerate(self.shape))
 
 
@@ -63,7 +66,9 @@ def weights(config: Llama2Config) -> list[Weight]:
         result += [
             Weight(meta + "attention_norm.weight", hf + "input_layernorm.weight", (dim,), None),
             Weight(meta + "attention.wq.weight", hf + "self_attn.q_proj.weight", (heads * head_dim, dim), 0, heads),
-            Weight(meta + "attention.wk.weight", hf + "self_attn.k_proj.weight", (kv_heads * head_dim, dim), 0, kv_heads),
+            Weight(
+                meta + "attention.wk.weight", hf + "self_attn.k_proj.weight", (kv_heads * head_dim, dim), 0, kv_heads
+            ),
             Weight(meta + "attention.wv.weight", hf + "self_attn.v_proj.weight", (kv_heads * head_dim, dim), 0),
             Weight(meta + "attention.wo.weight", hf + "self_attn.o_proj.weight", (dim, heads * head_dim), 1),
             Weight(meta + "ffn_norm.weight", hf + "post_attention_layernorm.weight", (dim,), None),
@@ -71,7 +76,10 @@ def weights(config: Llama2Config) -> list[Weight]:
             Weight(meta + "feed_forward.w3.weight", hf + "mlp.up_proj.weight", (ffn, dim), 0),
             Weight(meta + "feed_forward.w2.weight", hf + "mlp.down_proj.weight", (dim, ffn), 1),
         ]
-    return result + [Weight("norm.weight", "model.norm.weight", (dim,), None), Weight("output.weight", "lm_head.weight", (vocab, dim), 0)]
+    return result + [
+        Weight("norm.weight", "model.norm.weight", (dim,), None),
+        Weight("output.weight", "lm_head.weight", (vocab, dim), 0),
+    ]
 
 
 def to_rotate_half(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -102,21 +110,31 @@ def ffn_params(dim: int, hidden: int) -> dict:
         for multiple_of in (2**k for k in range(12, -1, -1)):
             if ffn_dim(dim, multiple_of, multiplier) == hidden:
                 return {"multiple_of": multiple_of} | ({} if multiplier is None else {"ffn_dim_multiplier": multiplier})
-    raise ConversionError(f"No multiple_of/ffn_dim_multiplier in params.json can express intermediate_size {hidden} for dim {dim}.")
+    raise ConversionError(
+        f"No multiple_of/ffn_dim_multiplier in params.json can express intermediate_size {hidden} for dim {dim}."
+    )
 
 
 def config_from_params(params: dict, *, tokenizer: Path | None, max_position_embeddings: int) -> Llama2Config:
     """The model config `params.json` describes; `vocab_size: -1` means the tokenizer's size."""
-    missing = [key for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size") if key not in params]
+    missing = [
+        key for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size") if key not in params
+    ]
     if missing:
         raise ConversionError(f"params.json lacks {', '.join(missing)}; it does not look like a Llama 2 params.json.")
     tokens = token_config(tokenizer) if tokenizer else {}
     if params["vocab_size"] > 0:
         if tokens.get("vocab_size", 0) > params["vocab_size"]:
-            raise ConversionError(f"{tokenizer} has {tokens['vocab_size']} pieces, more than params.json's vocab_size {params['vocab_size']}: it belongs to another model; pass the right --tokenizer.")
+            raise ConversionError(
+                f"{tokenizer} has {tokens['vocab_size']} pieces, more than params.json's vocab_size "
+                f"{params['vocab_size']}: it belongs to another model; pass the right --tokenizer."
+            )
         tokens["vocab_size"] = params["vocab_size"]
     elif not tokens:
-        raise ConversionError("params.json has vocab_size -1, meaning the tokenizer's size, and no tokenizer.model lies in or above --input-dir; pass --tokenizer PATH.")
+        raise ConversionError(
+            "params.json has vocab_size -1, meaning the tokenizer's size, and no tokenizer.model lies in or "
+            "above --input-dir; pass --tokenizer PATH."
+        )
     return Llama2Config(
         hidden_size=params["dim"],
         intermediate_size=ffn_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
@@ -172,15 +190,20 @@ def merged_tensors(shards: list[dict[str, torch.Tensor]], sources: list[str], co
         if missing := sorted(expected - found):
             raise ConversionError(f"{source} lacks {_some(missing)}: it does not hold the model params.json describes.")
         if extra := sorted(found - expected):
-            raise ConversionError(f"{source} has unexpected tensors {_some(extra)}: it does not hold the model params.json describes.")
+            raise ConversionError(
+                f"{source} has unexpected tensors {_some(extra)}: it does not hold the model params.json describes."
+            )
         for w in specs:
             if tuple(shard[w.meta].shape) != w.shard_shape(len(shards)):
                 raise ConversionError(
-                    f"{source}: {w.meta} has shape {tuple(shard[w.meta].shape)}, but params.json split into {len(shards)} "
-                    f"shard(s) gives {w.shard_shape(len(shards))}; the shard and params.json belong to different models."
+                    f"{source}: {w.meta} has shape {tuple(shard[w.meta].shape)}, but params.json split into "
+                    f"{len(shards)} shard(s) gives {w.shard_shape(len(shards))}; the shard and params.json "
+                    "belong to different models."
                 )
     return [
-        LazyTensor(w.hf, w.shape, shards[0][w.meta].dtype, partial(_merge, w, [shard[w.meta] for shard in shards], sources))
+        LazyTensor(
+            w.hf, w.shape, shards[0][w.meta].dtype, partial(_merge, w, [shard[w.meta] for shard in shards], sources)
+        )
         for w in specs
         if not (config.tie_word_embeddings and w.hf == "lm_head.weight")
     ]
@@ -190,7 +213,10 @@ def _merge(w: Weight, pieces: list[torch.Tensor], sources: list[str]) -> torch.T
     if w.axis is None:
         for piece, source in zip(pieces[1:], sources[1:]):
             if not torch.equal(piece, pieces[0]):
-                raise ConversionError(f"{w.meta} differs between {sources[0]} and {source}, though every shard holds a copy of it; the shards come from different checkpoints.")
+                raise ConversionError(
+                    f"{w.meta} differs between {sources[0]} and {source}, though every shard holds a copy of "
+                    "it; the shards come from different checkpoints."
+                )
         return pieces[0]
     merged = torch.cat(pieces, dim=w.axis) if len(pieces) > 1 else pieces[0]
     return to_rotate_half(merged, w.rotary_heads) if w.rotary_heads else merged
@@ -207,10 +233,15 @@ def verify_checksums(input_dir: Path) -> None:
         return
     entries = [line.split() for line in checklist.read_text().splitlines() if line.strip()]
     if missing := [name for _, name in entries if not (input_dir / name).exists()]:
-        raise ConversionError(f"checklist.chk lists {_some(missing)}, which is not in {input_dir}; the download is incomplete.")
+        raise ConversionError(
+            f"checklist.chk lists {_some(missing)}, which is not in {input_dir}; the download is incomplete."
+        )
     for digest, name in tqdm(entries, desc="Verifying checklist.chk", unit="file"):
         if md5sum(input_dir / name) != digest:
-            raise ConversionError(f"{name} does not match its md5 sum in checklist.chk: the file is corrupt or incomplete; download it again (or pass --skip-checksum).")
+            raise ConversionError(
+                f"{name} does not match its md5 sum in checklist.chk: the file is corrupt or incomplete; "
+                "download it again (or pass --skip-checksum)."
+            )
 
 
 def md5sum(path: Path) -> str:
@@ -242,14 +273,24 @@ def meta_to_hf(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_output_dir(output_dir, overwrite=overwrite)
     if not (input_dir / "params.json").exists():
-        raise ConversionError(f"{input_dir / 'params.json'} not found; --input-dir must be a folder of Meta's release, such as llama-2-7b/, holding params.json and consolidated.*.pth.")
+        raise ConversionError(
+            f"{input_dir / 'params.json'} not found; --input-dir must be a folder of Meta's release, such as "
+            "llama-2-7b/, holding params.json and consolidated.*.pth."
+        )
     paths = sorted(input_dir.glob("consolidated.*.pth"))
     if [p.name for p in paths] != [f"consolidated.{i:02d}.pth" for i in range(len(paths))] or not paths:
-        raise ConversionError(f"{input_dir} must hold consolidated.00.pth, consolidated.01.pth, ... numbered without gaps; found {[p.name for p in paths]}.")
+        raise ConversionError(
+            f"{input_dir} must hold consolidated.00.pth, consolidated.01.pth, ... numbered without gaps; "
+            f"found {[p.name for p in paths]}."
+        )
     tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(input_dir)
     if not skip_checksum:
         verify_checksums(input_dir)
-    config = config_from_params(json.loads((input_dir / "params.json").read_text()), tokenizer=tokenizer, max_position_embeddings=max_position_embeddings)
+    config = config_from_params(
+        json.loads((input_dir / "params.json").read_text()),
+        tokenizer=tokenizer,
+        max_position_embeddings=max_position_embeddings,
+    )
     tensors = merged_tensors([load_pth(p) for p in paths], [p.name for p in paths], config)
     save_hf_checkpoint(
         output_dir,
@@ -272,7 +313,9 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_output_dir(output_dir, overwrite=overwrite)
     if not (input_dir / "config.json").exists():
-        raise ConversionError(f"{input_dir / 'config.json'} not found; --input-dir must be a Hugging Face checkpoint folder.")
+        raise ConversionError(
+            f"{input_dir / 'config.json'} not found; --input-dir must be a Hugging Face checkpoint folder."
+        )
     config = AutoConfig.from_pretrained(input_dir)
     files = _safetensors_files(input_dir)
     specs = weights(config)

@@ -52,7 +52,12 @@ def build_fast_tokenizer(model_file: str | Path) -> Tokenizer:
         if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
     }
     merges = sorted(
-        ((piece[:k], piece[k:]) for piece in mergeable for k in range(1, len(piece)) if piece[:k] in mergeable and piece[k:] in mergeable),
+        (
+            (piece[:k], piece[k:])
+            for piece in mergeable
+            for k in range(1, len(piece))
+            if piece[:k] in mergeable and piece[k:] in mergeable
+        ),
         key=lambda pair: (-mergeable[pair[0] + pair[1]], vocab[pair[0]], vocab[pair[1]]),
     )
     unk = sp.id_to_piece(sp.unk_id())
@@ -83,7 +88,9 @@ def _check_representable(sp: sentencepiece.SentencePieceProcessor) -> None:
         raise ValueError("This sentencepiece model lacks <s> or </s>; Llama 2 needs both.")
 
 
-def save_tokenizer(model_file: str | Path, output_dir: str | Path, *, chat: bool, model_max_length: int) -> PreTrainedTokenizerFast:
+def save_tokenizer(
+    model_file: str | Path, output_dir: str | Path, *, chat: bool, model_max_length: int
+) -> PreTrainedTokenizerFast:
     """Write `tokenizer.json`, `tokenizer_config.json` (with the chat template for chat models) and
     a copy of `tokenizer.model`, so the directory works with `AutoTokenizer` and with Meta's code."""
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))

@@ -99,7 +99,11 @@ def meta_forward(state: dict[str, torch.Tensor], params: dict, tokens: torch.Ten
         attention = F.softmax(q @ k.transpose(2, 3) / math.sqrt(head_dim) + mask, dim=-1) @ v
         h = h + attention.transpose(1, 2).reshape(batch, seq, dim) @ w["attention.wo.weight"].T
         x = rms_norm(h, w["ffn_norm.weight"])
-        h = h + (F.silu(x @ w["feed_forward.w1.weight"].T) * (x @ w["feed_forward.w3.weight"].T)) @ w["feed_forward.w2.weight"].T
+        h = (
+            h
+            + (F.silu(x @ w["feed_forward.w1.weight"].T) * (x @ w["feed_forward.w3.weight"].T))
+            @ w["feed_forward.w2.weight"].T
+        )
     return rms_norm(h, state["norm.weight"]) @ state["output.weight"].T
 
 
@@ -109,20 +113,47 @@ def write_llama2c_bin(path: Path, params: dict, state: dict[str, torch.Tensor], 
     per_layer = lambda key: [state[f"layers.{i}.{key}.weight"] for i in layers]  # noqa: E731
     shared = torch.equal(state["tok_embeddings.weight"], state["output.weight"])
     vocab = state["tok_embeddings.weight"].shape[0]
-    dims = [params["dim"], hidden_dim(params), params["n_layers"], params["n_heads"], params.get("n_kv_heads") or params["n_heads"]]
-    attention = [*per_layer("attention.wq"), *per_layer("attention.wk"), *per_layer("attention.wv"), *per_layer("attention.wo")]
+    dims = [
+        params["dim"],
+        hidden_dim(params),
+        params["n_layers"],
+        params["n_heads"],
+        params.get("n_kv_heads") or params["n_heads"],
+    ]
+    attention = [
+        *per_layer("attention.wq"),
+        *per_layer("attention.wk"),
+        *per_layer("attention.wv"),
+        *per_layer("attention.wo"),
+    ]
     ffn = [*per_layer("feed_forward.w1"), *per_layer("feed_forward.w2"), *per_layer("feed_forward.w3")]
     with open(path, "wb") as f:
         if version == 0:
             f.write(struct.pack("7i", *dims, vocab if shared else -vocab, seq_len))
             head_dim = params["dim"] // params["n_heads"]
             freqs = torch.rand(seq_len, head_dim // 2)
-            tensors = [state["tok_embeddings.weight"], *per_layer("attention_norm"), *attention, *per_layer("ffn_norm"), *ffn, state["norm.weight"], freqs.cos(), freqs.sin()]
+            tensors = [
+                state["tok_embeddings.weight"],
+                *per_layer("attention_norm"),
+                *attention,
+                *per_layer("ffn_norm"),
+                *ffn,
+                state["norm.weight"],
+                freqs.cos(),
+                freqs.sin(),
+            ]
         else:
             f.write(struct.pack("I", 0x616B3432) + struct.pack("i", version) + struct.pack("7i", *dims, vocab, seq_len))
             f.write(struct.pack("B", int(shared)))
             f.write(b"\0" * (256 - f.tell()))
-            tensors = [*per_layer("attention_norm"), *per_layer("ffn_norm"), state["norm.weight"], state["tok_embeddings.weight"], *attention, *ffn]
+            tensors = [
+                *per_layer("attention_norm"),
+                *per_layer("ffn_norm"),
+                state["norm.weight"],
+                state["tok_embeddings.weight"],
+                *attention,
+                *ffn,
+            ]
         for tensor in tensors + ([] if shared else [state["output.weight"]]):
             f.write(tensor.float().numpy().tobytes())
 

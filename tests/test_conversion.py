@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import modeling_llama2
 from conversion.__main__ import main
+
 from .llama2_reference import (
     hidden_dim,
     meta_forward,
@@ -24,8 +25,26 @@ from .llama2_reference import (
 )
 
 MHA = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": 96}
-GQA = {"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-6, "vocab_size": 96}
-GQA8 = {"dim": 128, "n_layers": 2, "n_heads": 16, "n_kv_heads": 8, "multiple_of": 64, "norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": 128}
+GQA = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 8,
+    "n_kv_heads": 2,
+    "multiple_of": 32,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-6,
+    "vocab_size": 96,
+}
+GQA8 = {
+    "dim": 128,
+    "n_layers": 2,
+    "n_heads": 16,
+    "n_kv_heads": 8,
+    "multiple_of": 64,
+    "norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "vocab_size": 128,
+}
 CASES = {"mha-1-shard": (MHA, 1), "gqa-2-shards-ffn-multiplier": (GQA, 2), "gqa-8-shards-rope-theta": (GQA8, 8)}
 
 
@@ -69,7 +88,12 @@ def test_meta_to_hf_matches_meta_forward_and_round_trips_bit_exact(tmp_path, par
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["max_length"]) == (1, 2, 4096)
 
-    assert convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", num_shards) == 0
+    assert (
+        convert(
+            "hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", num_shards
+        )
+        == 0
+    )
     for rank, shard in enumerate(shards):
         back = torch.load(tmp_path / "back" / f"consolidated.{rank:02d}.pth", weights_only=True)
         assert back.keys() == shard.keys() - {"rope.freqs"}
@@ -77,9 +101,16 @@ def test_meta_to_hf_matches_meta_forward_and_round_trips_bit_exact(tmp_path, par
             assert tensor.dtype == shard[name].dtype and torch.equal(tensor, shard[name]), name
     back_params = json.loads((tmp_path / "back" / "params.json").read_text())
     assert hidden_dim(back_params) == hidden_dim(params)
-    assert {k: back_params.get(k) for k in ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta")} == {k: params.get(k) for k in ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta")}
+    assert {k: back_params.get(k) for k in ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta")} == {
+        k: params.get(k) for k in ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta")
+    }
     # The written checklist.chk verifies: the Meta folder converts again.
-    assert convert("meta-to-hf", "--input-dir", tmp_path / "back", "--output-dir", tmp_path / "again", "--dtype", "float32") == 0
+    assert (
+        convert(
+            "meta-to-hf", "--input-dir", tmp_path / "back", "--output-dir", tmp_path / "again", "--dtype", "float32"
+        )
+        == 0
+    )
 
 
 def test_stored_dtype_kept_and_round_trip_bit_exact_across_shard_counts(tmp_path):
@@ -88,9 +119,13 @@ def test_stored_dtype_kept_and_round_trip_bit_exact_across_shard_counts(tmp_path
     source = write_meta_checkpoint(tmp_path / "bf16", GQA, meta_shards(state, 2))
     assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
     assert AutoConfig.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
-    assert convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "one", "--num-shards", 1) == 0
+    assert (
+        convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "one", "--num-shards", 1) == 0
+    )
     assert convert("meta-to-hf", "--input-dir", tmp_path / "one", "--output-dir", tmp_path / "hf1") == 0
-    assert convert("hf-to-meta", "--input-dir", tmp_path / "hf1", "--output-dir", tmp_path / "two", "--num-shards", 2) == 0
+    assert (
+        convert("hf-to-meta", "--input-dir", tmp_path / "hf1", "--output-dir", tmp_path / "two", "--num-shards", 2) == 0
+    )
     for rank, shard in enumerate(meta_shards(state, 2)):
         back = torch.load(tmp_path / "two" / f"consolidated.{rank:02d}.pth", weights_only=True)
         assert all(back[name].dtype == torch.bfloat16 and torch.equal(back[name], shard[name]) for name in back)
@@ -100,7 +135,8 @@ def test_sharded_safetensors_index_and_dtype(tmp_path):
     params = MHA
     state = random_state(params, params["vocab_size"])
     source = write_meta_checkpoint(tmp_path / "m", params, meta_shards(state, 1))
-    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf", "--dtype", "bfloat16", "--max-shard-size", "40KB") == 0
+    options = ("--dtype", "bfloat16", "--max-shard-size", "40KB")
+    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf", *options) == 0
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files == sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
@@ -117,7 +153,9 @@ def test_sharded_safetensors_index_and_dtype(tmp_path):
         assert len(sizes) == 1 or sum(torch.Size(s).numel() * 2 for s in sizes) <= 40_000
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.dtype == torch.bfloat16
-    torch.testing.assert_close(model.model.embed_tokens.weight, state["tok_embeddings.weight"].bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.model.embed_tokens.weight, state["tok_embeddings.weight"].bfloat16(), rtol=0, atol=0
+    )
 
 
 def test_tokenizer_vocab_size_and_chat_template(tmp_path, sp_model):
@@ -134,19 +172,23 @@ def test_tokenizer_vocab_size_and_chat_template(tmp_path, sp_model):
     assert len(tokenizer) == vocab and tokenizer("llama").input_ids[0] == tokenizer.bos_token_id == 1
 
     base = write_meta_checkpoint(tmp_path / "llama-2-7b", params, meta_shards(state, 1))
-    assert convert("meta-to-hf", "--input-dir", base, "--output-dir", tmp_path / "hf-base", "--tokenizer", sp_model) == 0
+    tokenizer_option = ("--tokenizer", sp_model)
+    assert convert("meta-to-hf", "--input-dir", base, "--output-dir", tmp_path / "hf-base", *tokenizer_option) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "hf-base").chat_template is None
-    assert convert("meta-to-hf", "--input-dir", base, "--output-dir", tmp_path / "hf-forced", "--chat", "--max-position-embeddings", 16384) == 0
+    forced = ("--chat", "--max-position-embeddings", 16384)
+    assert convert("meta-to-hf", "--input-dir", base, "--output-dir", tmp_path / "hf-forced", *forced) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "hf-forced").chat_template is not None
     assert AutoConfig.from_pretrained(tmp_path / "hf-forced").max_position_embeddings == 16384
 
 
 def test_cli_entry_point_with_underscore_options(tmp_path):
     source = write_meta_checkpoint(tmp_path / "m", MHA, meta_shards(random_state(MHA, 96), 1))
+    root = Path(__file__).parents[1]
+    command = ["meta-to-hf", "--input_dir", source, "--output_dir", tmp_path / "hf", "--max_shard_size", "5GB"]
+    env = os.environ | {"PYTHONPATH": str(root)}
     run = subprocess.run(
-        [sys.executable, "-m", "conversion", "meta-to-hf", "--input_dir", source, "--output_dir", tmp_path / "hf", "--max_shard_size", "5GB"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
-    )  # fmt: skip
+        [sys.executable, "-m", "conversion", *command], capture_output=True, text=True, cwd=root, env=env
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     assert load_hf(tmp_path / "hf").config.vocab_size == 96
@@ -210,7 +252,9 @@ def test_meta_to_hf_errors_leave_no_output(tmp_path, name, capsys, monkeypatch):
     corrupt(name)(source)
     assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "out" / "hf") == 2
     assert ERRORS[name] in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written, no temp folder
+    assert not (tmp_path / "out").exists() or not any(
+        (tmp_path / "out").iterdir()
+    )  # nothing half-written, no temp folder
     assert not (tmp_path / "pwned").exists()
 
 
@@ -241,12 +285,22 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path, capsys):
 def test_hf_to_meta_rejects_indivisible_shard_count(tmp_path, capsys):
     source = write_meta_checkpoint(tmp_path / "m", GQA, meta_shards(random_state(GQA, 96), 1))
     assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
-    assert convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 3) == 2
+    assert (
+        convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 3) == 2
+    )
     assert "cannot be split into 3 equal shards" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
 
 
-LLAMA2C = {"dim": 48, "n_layers": 2, "n_heads": 6, "n_kv_heads": 3, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": 80}
+LLAMA2C = {
+    "dim": 48,
+    "n_layers": 2,
+    "n_heads": 6,
+    "n_kv_heads": 3,
+    "multiple_of": 32,
+    "norm_eps": 1e-5,
+    "vocab_size": 80,
+}
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -254,9 +308,29 @@ def test_llama2c_training_checkpoint(tmp_path, tied):
     state = random_state(LLAMA2C, 80)
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model_args = {"dim": 48, "n_layers": 2, "n_heads": 6, "n_kv_heads": 3, "vocab_size": 80, "multiple_of": 32, "max_seq_len": 64, "dropout": 0.0}
-    compiled = {f"_orig_mod.{name}": tensor for name, tensor in state.items()}  # train.py saves the torch.compile'd module
-    torch.save({"model": compiled, "model_args": model_args, "iter_num": 10, "best_val_loss": 1.5, "config": {"batch_size": 8}}, tmp_path / "ckpt.pt")
+    model_args = {
+        "dim": 48,
+        "n_layers": 2,
+        "n_heads": 6,
+        "n_kv_heads": 3,
+        "vocab_size": 80,
+        "multiple_of": 32,
+        "max_seq_len": 64,
+        "dropout": 0.0,
+    }
+    compiled = {
+        f"_orig_mod.{name}": tensor for name, tensor in state.items()
+    }  # train.py saves the torch.compile'd module
+    torch.save(
+        {
+            "model": compiled,
+            "model_args": model_args,
+            "iter_num": 10,
+            "best_val_loss": 1.5,
+            "config": {"batch_size": 8},
+        },
+        tmp_path / "ckpt.pt",
+    )
     assert convert("llama2c-to-hf", "--checkpoint", tmp_path / "ckpt.pt", "--output-dir", tmp_path / "hf") == 0
     assert_matches_meta(tmp_path / "hf", state, LLAMA2C)
     config = AutoConfig.from_pretrained(tmp_path / "hf")
@@ -298,6 +372,8 @@ def test_hf_to_meta_errors(tmp_path, capsys):
     weight_map = json.loads(index.read_text())
     del weight_map["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     index.write_text(json.dumps(weight_map))
-    assert convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 1) == 2
+    assert (
+        convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 1) == 2
+    )
     assert "has no tensor model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()

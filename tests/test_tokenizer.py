@@ -51,7 +51,11 @@ def test_saved_tokenizer_adds_bos_and_keeps_special_tokens(saved):
     for text in CORPUS:
         assert tokenizer(text).input_ids == [sp.bos_id()] + sp.encode(text), text
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        sp.bos_id(),
+        sp.eos_id(),
+        sp.unk_id(),
+    )
     assert len(tokenizer) == sp.get_piece_size() and tokenizer.model_max_length == 4096
 
 
@@ -99,7 +103,9 @@ def test_chat_template_matches_meta_chat_completion(saved, dialog):
 def test_chat_template_rejects_roles_out_of_order(saved):
     _, tokenizer = saved
     with pytest.raises(Exception, match="alternate"):
-        tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], tokenize=False
+        )
 
 
 def test_refuses_a_normalizing_sentencepiece_model(tmp_path):
