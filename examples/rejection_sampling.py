@@ -1,0 +1,65 @@
+"""Rejection sampling (Llama 2-Chat RLHF V1-V4): best of N responses per prompt under the reward model(s), written
+as a new SFT data set, optionally fine-tuned on right away.
+
+    python examples/rejection_sampling.py --model out/sft --helpfulness-rm out/rm_helpfulness \
+        --safety-rm out/rm_safety --prompts prompts.jsonl --num-samples 16 --output-dir out/rs_v1 [--finetune]
+
+Writes best_of_n.jsonl, reward_vs_n.json and reward_vs_n.png to --output-dir (and the fine-tuned model with
+--finetune). See examples/README.md.
+"""
+
+import gc
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+import modeling_llama2  # noqa: F401  (registers the Llama 2 classes with the Auto classes)
+from modeling_llama2.sampling import SamplingArguments, load_prompts, plot_reward_curve, reward_curve
+from modeling_llama2.sampling import rejection_sample
+from modeling_llama2.sft import SFTArguments, run_sft
+from modeling_llama2.training import ModelArguments, load_tokenizer, parse_args, write_jsonl
+
+
+def load_reward_model(path, objective, device):
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto").to(device).eval()
+    trained_for = model.config.id2label.get(0)
+    if trained_for in ("helpfulness", "safety") and trained_for != objective:
+        raise ValueError(f"--{objective}-rm {path} is a {trained_for} reward model; swap the two paths.")
+    return model
+
+
+def main():
+    model_args, args, training_args = parse_args(
+        ModelArguments, SamplingArguments, learning_rate=2e-5, lr_scheduler_type="cosine", num_train_epochs=2
+    )
+    paths = {"helpfulness": args.helpfulness_rm, "safety": args.safety_rm}
+    if not any(paths.values()):
+        raise SystemExit("Give --helpfulness-rm, --safety-rm or both.")
+    set_seed(training_args.seed)
+    device = training_args.device
+    tokenizer = load_tokenizer(model_args.model)
+    policy = AutoModelForCausalLM.from_pretrained(model_args.model, dtype="auto").to(device).eval()
+    reward_models = {name: load_reward_model(path, name, device) for name, path in paths.items() if path}
+    records = rejection_sample(policy, tokenizer, reward_models, load_prompts(args.prompts), args)
+
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    data_path = os.path.join(training_args.output_dir, "best_of_n.jsonl")
+    write_jsonl(data_path, records)
+    curve = reward_curve(torch.tensor([[sample["reward"] for sample in r["samples"]] for r in records]))
+    with open(os.path.join(training_args.output_dir, "reward_vs_n.json"), "w") as f:
+        json.dump(curve, f, indent=2)
+    plot_reward_curve(curve, os.path.join(training_args.output_dir, "reward_vs_n.png"))
+    print("    N   mean max   mean median")
+    for point in curve:
+        print(f"{point['n']:5d}   {point['max']:.4f}     {point['median']:.4f}")
+
+    if args.finetune:
+        del policy, reward_models
+        gc.collect()
+        run_sft(model_args, SFTArguments(train_file=data_path, max_length=args.max_length), training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Rejection sampling as in Llama 2-Chat's RLHF V1-V4: N responses per prompt from the policy, scored by the reward
+model(s), the best kept as new SFT data."""
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .chat_format import encode_dialog, tokenizer_encoder
+from .reward import combined_reward, encode_response, prompt_messages, score
+from .training import read_jsonl
+
+
+@dataclass
+class SamplingArguments:
+    prompts: str = field(
+        metadata={"help": 'JSONL of {"prompt"} or {"messages"} ending with a user turn, optionally {"unsafe": true}.'}
+    )
+    helpfulness_rm: str | None = field(default=None, metadata={"help": "Helpfulness reward model directory."})
+    safety_rm: str | None = field(default=None, metadata={"help": "Safety reward model directory."})
+    num_samples: int = field(default=8, metadata={"help": "Responses sampled per prompt (N)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest response sampled."})
+    finetune: bool = field(default=False, metadata={"help": "Fine-tune the policy on the best responses right away."})
+    max_length: int = field(default=4096, metadata={"help": "Tokens per sample for --finetune."})
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    prompt_ids: list[int],
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
+    """Token ids of `n` responses to one prompt (cut before the EOS).
+
+    The prompt is prefilled once, all but its last token, and the KV cache repeated to `n` rows; `generate` then feeds
+    the last token of each row and samples on, so the prompt costs one forward pass rather than `n`.
+    """
+    if len(prompt_ids) < 2:
+        raise ValueError("A prompt needs at least two tokens (BOS and one more).")
+    prompt = torch.tensor([prompt_ids], device=model.device)
+    cache = model(input_ids=prompt[:, :-1], use_cache=True).cache
+    cache.batch_repeat_interleave(n)
+    rows = prompt.expand(n, -1)
+    if temperature > 0:
+        decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    else:
+        decoding = {"do_sample": False}
+    output = model.generate(
+        rows,
+        attention_mask=torch.ones_like(rows),
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        **decoding,
+    )
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    responses = []
+    for row in output[:, len(prompt_ids) :].tolist():
+        end = next((i for i, token in enumerate(row) if token in eos), len(row))
+        responses.append(row[:end])
+    return responses
+
+
+def load_prompts(path: str) -> list[dict]:
+    """Prompt records as `{"messages", "unsafe"}`, each dialog ending with the user turn to answer."""
+    prompts = []
+    for line_no, record in read_jsonl(path):
+        if "prompt" not in record and "messages" not in record:
+            raise ValueError(f'{path}:{line_no}: need "prompt" (text) or "messages" (a dialog), got {sorted(record)}.')
+        messages = prompt_messages(record.get("messages", record.get("prompt")))
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError(f"{path}:{line_no}: the dialog must end with the user message to answer.")
+        prompts.append({"messages": messages, "unsafe": bool(record.get("unsafe", False))})
+    return prompts
+
+
+def rejection_sample(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    reward_models: dict[str, PreTrainedModel],
+    prompts: list[dict],
+    args: SamplingArguments,
+) -> list[dict]:
+    """For each prompt, sample `args.num_samples` responses, score them and keep the best.
+
+    `reward_models` maps `helpfulness` and/or `safety` to a reward model; with both, responses are ranked by the
+    paper's combined reward. Rewards are reported as probabilities (the sigmoid of the reward model's score).
+    Returns SFT records `{"messages", "reward"}` with every candidate under `"samples"`.
+    """
+    encode = tokenizer_encoder(tokenizer)
+    records = []
+    for prompt in tqdm(prompts, desc=f"best of {args.num_samples}"):
+        prompt_ids = encode_dialog(prompt["messages"], encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
+        sampled = sample_responses(
+            policy, prompt_ids, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
+            tokenizer.pad_token_id,
+        )  # fmt: skip
+        responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
+        rows = [encode_response(tokenizer, prompt["messages"], response)[0] for response in responses]
+        scores = {name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()}
+        if len(scores) == 2:
+            logits = combined_reward(scores["helpfulness"], scores["safety"], torch.tensor(prompt["unsafe"]))
+        else:
+            (logits,) = scores.values()
+        rewards = torch.sigmoid(logits)
+        best = int(rewards.argmax())
+        records.append(
+            {
+                "messages": [*prompt["messages"], {"role": "assistant", "content": responses[best]}],
+                "reward": rewards[best].item(),
+                "samples": [{"response": r, "reward": x} for r, x in zip(responses, rewards.tolist())],
+            }
+        )
+    return records
+
+
+def reward_curve(rewards: torch.Tensor) -> list[dict]:
+    """Mean over prompts of the maximum and the median reward among the first N samples, N = 1, 2, 4, ... (the paper's
+    Figure 7). `rewards` is prompts x samples; samples are i.i.d., so the first N stand for any N."""
+    curve, n = [], 1
+    while n <= rewards.shape[1]:
+        first = rewards[:, :n]
+        curve.append(
+            {"n": n, "max": first.max(1).values.mean().item(), "median": first.quantile(0.5, dim=1).mean().item()}
+        )
+        n *= 2
+    return curve
+
+
+def plot_reward_curve(curve: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [point["n"] for point in curve]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(n, [p["max"] for p in curve], "o-", label="max of N")
+    ax.plot(n, [p["median"] for p in curve], "s--", label="median of N")
+    ax.fill_between(n, [p["median"] for p in curve], [p["max"] for p in curve], alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("N samples")
+    ax.set_ylabel("reward (mean over prompts)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
