@@ -1,0 +1,151 @@
+"""Fast decoding in the manner of gpt-fast: a static KV cache, one compiled single-token step, and a loop that
+does nothing per token but call it.
+
+Decoding one token at a time reads every weight once per step, and on small models the Python around each
+step (transformers' `generate` adds logits processors, stopping criteria and cache bookkeeping) costs as much
+as the matrix products. Here the prompt is prefilled eagerly into a `DynamicCache` (no wasted attention over
+empty slots, no recompile per prompt length), its keys and values are copied into a `StaticCache`, and the
+decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph of fixed shapes.
+
+Best-of-N prefills the prompt once and broadcasts its cache rows to the N samples, instead of prefilling N
+copies of the same prompt as `generate(num_return_sequences=N)` does.
+"""
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+
+
+def select_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Next token ids of shape (batch,) from last-position logits: arg-max at temperature 0, else a sample.
+
+    The sample is arg-max(p / E) with E ~ Exp(1), which draws from p like `torch.multinomial` but without a
+    device-to-host sync, so it stays inside the compiled graph."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+
+
+def decode_step(model: PreTrainedModel, tokens: torch.Tensor, cache: StaticCache, temperature: float) -> torch.Tensor:
+    """One decode step: feed `tokens` (batch,) at the cache's current position, return the next ones."""
+    logits = model(input_ids=tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
+    return select_next(logits, temperature)
+
+
+compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, max_cache_len: int, batch_size: int | None = None
+) -> tuple[torch.Tensor, StaticCache]:
+    """Run the prompt once and return its last logits and a `StaticCache` of `max_cache_len` slots holding its
+    keys and values, broadcast to `batch_size` rows (default: the prompt's batch)."""
+    batch_size = batch_size or input_ids.shape[0]
+    prompt_cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, cache=prompt_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    first = prompt_cache.layers[0].keys
+    cache.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
+    length = input_ids.shape[1]
+    for static, dynamic in zip(cache.layers, prompt_cache.layers):
+        static.keys[:, :, :length] = dynamic.keys
+        static.values[:, :, :length] = dynamic.values
+        static.cumulative_length.fill_(length)
+    return logits, cache
+
+
+@torch.no_grad()
+def decode(
+    model: PreTrainedModel,
+    logits: torch.Tensor,
+    cache: StaticCache,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    compile: bool = True,
+) -> torch.Tensor:
+    """Generate `max_new_tokens` (batch, new) after a prefill. Rows that produced `eos_token_id` continue with
+    `pad_token_id`; decoding stops early once all rows have, checking every 16 tokens to avoid a host sync per
+    step. The result then ends where `generate` would have stopped."""
+    step = compiled_decode_step if compile else decode_step
+    tokens = select_next(logits, temperature)
+    out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
+    finished = torch.zeros_like(tokens, dtype=torch.bool)
+    for i in range(max_new_tokens):
+        out[:, i] = tokens.masked_fill(finished, pad_token_id)
+        if eos_token_id is not None:
+            finished |= tokens == eos_token_id
+            if i % 16 == 15 and bool(finished.all()):
+                break
+        if i + 1 < max_new_tokens:
+            tokens = step(model, tokens, cache, temperature)
+    if eos_token_id is not None and bool(finished.all()):
+        out = out[:, : int(_first_eos(out, eos_token_id).max()) + 1]
+    return out
+
+
+def _first_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Index of each row's first `eos_token_id` (the row length if none)."""
+    is_eos = tokens == eos_token_id
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), tokens.shape[-1])
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    max_cache_len: int | None = None,
+    compile: bool = True,
+) -> torch.Tensor:
+    """Prompt plus continuation, (batch, prompt + new); at temperature 0 the tokens of
+    `model.generate(input_ids, do_sample=False, ...)`. Prompts are unpadded rows of equal length. The compiled
+    step is specialized to the cache's shape: pass one `max_cache_len` for all calls to compile once."""
+    max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
+    logits, cache = prefill(model, input_ids, max_cache_len)
+    new = decode(model, logits, cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile)
+    return torch.cat([input_ids, new], dim=1)
+
+
+@torch.no_grad()
+def sample_n(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    max_cache_len: int | None = None,
+    compile: bool = True,
+) -> torch.Tensor:
+    """`n` continuations of one prompt (1, length), as (n, length + new): the prompt is prefilled once and its
+    keys and values are copied to the `n` rows of the cache."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"`sample_n` takes one prompt, got a batch of {input_ids.shape[0]}.")
+    max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
+    logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
+    new = decode(model, logits.expand(n, -1), cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile)
+    return torch.cat([input_ids.expand(n, -1), new], dim=1)
+
+
+def best_of_n(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    n: int,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    max_new_tokens: int,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The highest-scoring of `n` samples (`sample_n`; `kwargs` go there) and all their scores; `score` maps
+    (n, length) sequences to (n,) scores, e.g. a reward model's."""
+    samples = sample_n(model, input_ids, n, max_new_tokens, **kwargs)
+    scores = score(samples)
+    return samples[scores.argmax()], scores

@@ -1,0 +1,109 @@
+"""Fast decoding: the compiled static-cache step against `generate`, EOS handling, and shared-prefix best-of-N.
+
+Compiling on a CPU takes seconds, so one tiny model is compiled once for the module; the other tests run the
+same step eagerly (`compile=False`)."""
+
+import pytest
+import torch
+
+from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2.decoding import best_of_n, generate, prefill, sample_n, select_next
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Llama2ForCausalLM(tiny_config()).eval()
+
+
+def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
+    return model.generate(
+        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs
+    )
+
+
+def test_compiled_greedy_matches_generate_without_recompiling(model):
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    for seed in range(3):  # new prompts and caches of the same shape reuse the graph
+        ids = prompts(2, 7, seed)
+        out = generate(model, ids, max_new_tokens=20, max_cache_len=64)
+        assert torch.equal(out, reference(model, ids, 20))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_eager_greedy_matches_generate_and_static_generate(model, batch):
+    ids = prompts(batch, 9)
+    out = generate(model, ids, max_new_tokens=16, compile=False)
+    assert torch.equal(out, reference(model, ids, 16))
+    assert torch.equal(out, reference(model, ids, 16, cache_implementation="static"))
+
+
+def test_eos_pads_finished_rows_and_stops_like_generate(model):
+    ids = prompts(2, 6, seed=1)
+    free = reference(model, ids, 40)[:, 6:]
+    eos = int(free[0, 3])  # row 0 stops early; row 1 when (if ever) it meets the same token
+    out = generate(model, ids, max_new_tokens=40, eos_token_id=eos, compile=False)
+    expected = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, expected)
+    assert (out[0, 6 + 4 :] == 0).all()
+
+
+def test_shared_prefix_cache_equals_prefilling_every_row(model):
+    ids = prompts(1, 11)
+    logits, shared = prefill(model, ids, max_cache_len=32, batch_size=4)
+    repeated_logits, repeated = prefill(model, ids.expand(4, -1), max_cache_len=32)
+    torch.testing.assert_close(logits.expand(4, -1), repeated_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared.layers, repeated.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+        assert int(a.cumulative_length) == int(b.cumulative_length) == 11
+
+
+def test_sample_n_at_temperature_zero_is_greedy_on_every_row(model):
+    ids = prompts(1, 8)
+    samples = sample_n(model, ids, n=5, max_new_tokens=12, temperature=0.0, compile=False)
+    assert samples.shape == (5, 20)
+    assert torch.equal(samples, reference(model, ids, 12).expand(5, -1))
+
+
+def test_sample_n_draws_distinct_samples_from_the_shared_prompt(model):
+    ids = prompts(1, 8)
+    torch.manual_seed(0)
+    samples = sample_n(model, ids, n=8, max_new_tokens=12, temperature=1.0, compile=False)
+    assert samples.shape == (8, 20)
+    assert torch.equal(samples[:, :8], ids.expand(8, -1))
+    assert len({tuple(row.tolist()) for row in samples[:, 8:]}) > 1
+
+
+def test_sampled_tokens_follow_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, -1)
+    counts = torch.bincount(select_next(logits, temperature=1.0), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
+    counts = torch.bincount(select_next(logits, temperature=0.5), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, torch.softmax(logits[0] / 0.5, -1), atol=0.015, rtol=0)
+
+
+def test_best_of_n_returns_the_arg_max_of_the_scores(model):
+    ids = prompts(1, 8)
+    score = lambda seqs: seqs[:, 8:].float().mean(-1)  # any per-sequence score
+    torch.manual_seed(3)
+    best, scores = best_of_n(model, ids, n=6, score=score, max_new_tokens=10, compile=False)
+    torch.manual_seed(3)
+    samples = sample_n(model, ids, n=6, max_new_tokens=10, compile=False)
+    assert torch.equal(scores, score(samples))
+    assert torch.equal(best, samples[scores.argmax()])
+    assert scores[scores.argmax()] == scores.max() and best.shape == (18,)
+
+
+def test_sample_n_refuses_a_batch(model):
+    with pytest.raises(ValueError, match="one prompt"):
+        sample_n(model, prompts(2, 4), n=3, max_new_tokens=2, compile=False)
