@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_llama2 import Llama2ForCausalLM, Llama2ForSequenceClassification
+from modeling_llama2.reward import encode_response, score
+from modeling_llama2.sampling import SamplingArguments, load_prompts, rejection_sample, reward_curve, sample_responses
+from modeling_llama2.sft import load_sft_samples
+from tests.alignment_helpers import logged_losses, make_tokenizer, qa_pairs, run_script, save_causal_lm, tiny_config
+from tests.alignment_helpers import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.unk_token  # as `load_tokenizer` does for the scripts
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    torch.manual_seed(0)
+    return Llama2ForCausalLM(tiny_config(len(tokenizer), pad_token_id=0)).eval()
+
+
+def reward_model(tokenizer, seed, objective):
+    torch.manual_seed(seed)
+    config = tiny_config(len(tokenizer), num_labels=1, pad_token_id=0, id2label={0: objective})
+    return Llama2ForSequenceClassification(config).eval()
+
+
+PROMPT = [1, 40, 41, 42, 43, 44, 45, 46]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_shared_prefill_samples_like_generate(policy, temperature):
+    calls = []
+    hook = policy.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        torch.manual_seed(1)
+        ours = sample_responses(policy, PROMPT, n=4, max_new_tokens=6, temperature=temperature, top_p=0.9)
+    finally:
+        hook.remove()
+    # One prefill of the prompt for all four rows, then one token per row per step.
+    assert calls[0] == (1, len(PROMPT) - 1) and all(shape == (4, 1) for shape in calls[1:])
+
+    if temperature:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.9, "top_k": 0, "num_return_sequences": 4}
+        torch.manual_seed(1)
+        reference = policy.generate(torch.tensor([PROMPT]), max_new_tokens=6, pad_token_id=0, **sampling)
+        assert len({tuple(r) for r in ours}) > 1
+    else:
+        reference = policy.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False).expand(4, -1)
+    assert ours == reference[:, len(PROMPT) :].tolist()  # the tiny model never picks EOS in 6 steps: nothing cut
+
+
+def test_responses_stop_before_eos(policy):
+    eos = policy.generation_config.eos_token_id
+    greedy = sample_responses(policy, PROMPT, n=1, max_new_tokens=6, temperature=0)[0]
+    policy.generation_config.eos_token_id = greedy[2]  # pretend the third greedy token ends the answer
+    try:
+        assert sample_responses(policy, PROMPT, n=2, max_new_tokens=6, temperature=0) == [greedy[:2]] * 2
+    finally:
+        policy.generation_config.eos_token_id = eos
+
+
+def test_reward_curve_is_mean_of_max_and_median_over_prompts():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    assert reward_curve(rewards) == [
+        {"n": 1, "max": 2.5, "median": 2.5},
+        {"n": 2, "max": 3.0, "median": 2.5},
+        {"n": 4, "max": 4.0, "median": 2.5},
+    ]
+
+
+def test_best_of_n_keeps_the_argmax_and_uses_the_combined_reward(tokenizer, policy):
+    helpfulness, safety = reward_model(tokenizer, 1, "helpfulness"), reward_model(tokenizer, 2, "safety")
+    prompts = [
+        {"messages": [{"role": "user", "content": "the cat?"}], "unsafe": False},
+        {"messages": [{"role": "user", "content": "the dog?"}], "unsafe": True},
+    ]
+    args = SamplingArguments(prompts="-", num_samples=6, max_new_tokens=5, temperature=1.0, top_p=1.0)
+    torch.manual_seed(0)
+    records = rejection_sample(policy, tokenizer, {"helpfulness": helpfulness, "safety": safety}, prompts, args)
+    for prompt, record in zip(prompts, records):
+        rewards = [sample["reward"] for sample in record["samples"]]
+        best = max(range(len(rewards)), key=rewards.__getitem__)
+        assert record["reward"] == max(rewards)
+        answer = {"role": "assistant", "content": record["samples"][best]["response"]}
+        assert record["messages"] == [*prompt["messages"], answer]
+        rows = [encode_response(tokenizer, prompt["messages"], s["response"])[0] for s in record["samples"]]
+        h, s = torch.sigmoid(score(helpfulness, rows, 0)), torch.sigmoid(score(safety, rows, 0))
+        expected = torch.where(torch.tensor(prompt["unsafe"]) | (s < 0.15), s, h)  # safety only for "the dog?"
+        torch.testing.assert_close(torch.tensor(rewards), expected)
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"question": "the cat?"}, 'need "prompt" \\(text\\) or "messages"'),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "the dialog must end with the user"),
+    ],
+)
+def test_bad_prompts_are_refused_with_their_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the cat?"}, record])
+    with pytest.raises(ValueError, match=f"prompts.jsonl:2: {message}"):
+        load_prompts(str(path))
+
+
+def test_rejection_sampling_script_writes_data_report_and_finetunes(tmp_path, tokenizer):
+    policy_dir, out = save_causal_lm(tmp_path / "policy"), tmp_path / "out"
+    for objective, seed in (("helpfulness", 1), ("safety", 2)):
+        reward_model(tokenizer, seed, objective).save_pretrained(tmp_path / objective)
+        tokenizer.save_pretrained(tmp_path / objective)
+    prompts = [{"prompt": question} for question, _ in qa_pairs(6)] + [{"prompt": "the dog?", "unsafe": True}]
+    run_script(
+        "rejection_sampling.py", "--model", policy_dir, "--prompts", write_jsonl(tmp_path / "p.jsonl", prompts),
+        "--helpfulness-rm", tmp_path / "helpfulness", "--safety-rm", tmp_path / "safety", "--num-samples", 4,
+        "--max-new-tokens", 8, "--output-dir", out, "--finetune", "--max-steps", 12, "--learning-rate", 5e-3,
+        "--max-length", 128, "--logging-steps", 2, "--save-strategy", "no", "--use-cpu",
+    )  # fmt: skip
+    records = [json.loads(line) for line in (out / "best_of_n.jsonl").read_text().splitlines()]
+    assert len(records) == 7 and all(r["reward"] == max(s["reward"] for s in r["samples"]) for r in records)
+    assert len(load_sft_samples(str(out / "best_of_n.jsonl"), tokenizer, max_length=128)) == 7
+    curve = json.loads((out / "reward_vs_n.json").read_text())
+    assert [p["n"] for p in curve] == [1, 2, 4] and curve[-1]["max"] >= curve[-1]["median"]
+    assert (out / "reward_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+    losses = logged_losses(out)
+    assert losses[-1] < losses[0]
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), Llama2ForCausalLM)
