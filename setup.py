@@ -18,6 +18,7 @@ setup(
         "tokenizers>=0.22,<0.24",
         "accelerate>=1.10,<2",
         "sentencepiece>=0.2,<0.3",
+        "protobuf>=4",  # to read a sentencepiece model's trainer and normalizer settings
         "tqdm>=4.60",
     ],
     extras_require={

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +43,7 @@ CHAT_TEMPLATE = (
 def build_fast_tokenizer(model_file: str | Path) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece BPE model."""
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    _check_representable(sp)
+    _check_representable(model_file)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     # sentencepiece BPE merges the adjacent pair whose union is the best-scored piece; a BPE merge
     # list ranked by that score does the same. Bytes and special pieces never take part in merges.
@@ -74,18 +75,30 @@ def build_fast_tokenizer(model_file: str | Path) -> Tokenizer:
     return tokenizer
 
 
-def _check_representable(sp: sentencepiece.SentencePieceProcessor) -> None:
-    """Refuse models whose normalization the fast tokenizer above would not reproduce."""
-    probe = "  Two  spaces,\ttab, ﬁ ligature, Ｗide Ａ and é / e\u0301."
-    if sp.decode(sp.encode(probe)) != probe:
+def _check_representable(model_file: str | Path) -> None:
+    """Refuse models the fast tokenizer above would not reproduce, reading the model's own trainer and
+    normalizer settings: Llama 2's tokenizer is BPE with byte fallback, a dummy prefix and no normalization."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    problems = []
+    if trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        problems.append(f"model type {sentencepiece_model_pb2.TrainerSpec.ModelType.Name(trainer.model_type)}, not BPE")
+    if not trainer.byte_fallback:
+        problems.append("no byte fallback")
+    if normalizer.precompiled_charsmap or normalizer.name not in ("identity", ""):
+        problems.append(f"normalization {normalizer.name!r} (NFKC or similar)")
+    if normalizer.remove_extra_whitespaces:
+        problems.append("whitespace folding")
+    if not normalizer.add_dummy_prefix:
+        problems.append("no dummy prefix")
+    if trainer.bos_id < 0 or trainer.eos_id < 0:
+        problems.append("no <s> or </s>")
+    if problems:
         raise ValueError(
-            "This sentencepiece model normalizes its input (NFKC or whitespace folding); only models like "
-            "Llama 2's (identity normalization, byte fallback) can be converted exactly."
+            f"{model_file} cannot be converted exactly: {'; '.join(problems)}. Only Llama 2-style sentencepiece "
+            "models (BPE, byte fallback, dummy prefix, identity normalization, <s> and </s>) are supported."
         )
-    if "".join(sp.encode(" x", out_type=str)) != SPACE * 2 + "x":
-        raise ValueError("This sentencepiece model has no dummy prefix; only Llama 2-style models are supported.")
-    if sp.bos_id() < 0 or sp.eos_id() < 0:
-        raise ValueError("This sentencepiece model lacks <s> or </s>; Llama 2 needs both.")
 
 
 def save_tokenizer(

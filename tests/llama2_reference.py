@@ -176,15 +176,20 @@ CORPUS = [
 ]
 
 
-def train_sentencepiece(prefix: Path, *, vocab_size: int = 400, normalization: str = "identity") -> Path:
-    """A small BPE model trained like Llama 2's: byte fallback, split digits, no normalization."""
+def train_sentencepiece(
+    prefix: Path, *, vocab_size: int = 400, normalization: str = "identity", lines: list[str] | None = None, **options
+) -> Path:
+    """A small BPE model trained like Llama 2's: byte fallback, split digits, no normalization (`options`
+    override sentencepiece trainer settings)."""
     rng = random.Random(0)
     words = "the a llama model token space café naïve 東京 数据 🙂 12 345 def return x = y + 1 ( ) : . , ?".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 15))) for _ in range(1000)]
+    if lines is None:
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 15))) for _ in range(1000)]
+    options = {"model_type": "bpe", "remove_extra_whitespaces": False, **options}
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name=normalization, remove_extra_whitespaces=False,
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, normalization_rule_name=normalization,
         allow_whitespace_only_pieces=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2,
+        num_threads=1, minloglevel=2, **options,
     )  # fmt: skip
     return prefix.with_suffix(".model")

@@ -108,7 +108,26 @@ def test_chat_template_rejects_roles_out_of_order(saved):
         )
 
 
-def test_refuses_a_normalizing_sentencepiece_model(tmp_path):
-    model = train_sentencepiece(tmp_path / "nfkc", normalization="nmt_nfkc")
-    with pytest.raises(ValueError, match="normalizes its input"):
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(normalization="nmt_nfkc"), "normalization"),
+        (dict(model_type="unigram", vocab_size=300), "not BPE"),
+        (dict(add_dummy_prefix=False), "no dummy prefix"),
+        (dict(remove_extra_whitespaces=True), "whitespace folding"),
+    ],
+)
+def test_refuses_sentencepiece_models_it_cannot_reproduce(tmp_path, options, reason):
+    model = train_sentencepiece(tmp_path / "other", **options)
+    with pytest.raises(ValueError, match=reason):
         build_fast_tokenizer(model)
+
+
+def test_small_alphabet_model_converts_exactly(tmp_path):
+    """A model trained on digits and signs alone (no letters at all) is still Llama 2-style."""
+    lines = [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)]
+    model = train_sentencepiece(tmp_path / "digits", vocab_size=300, lines=lines, hard_vocab_limit=False)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    fast = build_fast_tokenizer(model)
+    for text in ["12+7=19", " 3+4=7", "x + y", "  99+1=100\n"]:
+        assert fast.encode(text, add_special_tokens=False).ids == sp.encode(text)
