@@ -6,8 +6,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, EvalPrediction, PreTrainedModel, Trainer
-from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 from .chat_format import encode_dialog, tokenizer_encoder
 from .sft import ListDataset, truncate
@@ -25,7 +31,9 @@ class RewardArguments:
     eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
     objective: Literal["helpfulness", "safety"] = field(
         default="helpfulness",
-        metadata={"help": "Which of the paper's two reward models; records tagged with another `objective` are skipped."},
+        metadata={
+            "help": "Which of the paper's two reward models; records tagged with another `objective` are skipped."
+        },
     )
     margin: Literal["small", "large", "none"] = field(
         default="small", metadata={"help": "Margin table (paper Table 27), or `none` for the plain ranking loss."}
@@ -112,7 +120,9 @@ class PairCollator:
         self.pad_id = pad_id
 
     def __call__(self, pairs: list[dict]) -> dict:
-        input_ids, attention_mask = pad_right([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], self.pad_id)
+        input_ids, attention_mask = pad_right(
+            [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], self.pad_id
+        )
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -153,7 +163,9 @@ def ranking_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return metrics
 
 
-def run_reward_model(model_args: ModelArguments, reward_args: RewardArguments, training_args: TrainingArguments) -> dict:
+def run_reward_model(
+    model_args: ModelArguments, reward_args: RewardArguments, training_args: TrainingArguments
+) -> dict:
     """Train a one-output reward model from `model_args.model` (the SFT model); save it and `metrics.json`."""
     tokenizer = load_tokenizer(model_args.model)
 
@@ -169,7 +181,9 @@ def run_reward_model(model_args: ModelArguments, reward_args: RewardArguments, t
         model=model,
         args=training_args,
         train_dataset=ListDataset(load_pairs(reward_args.train_file, tokenizer, reward_args)),
-        eval_dataset=ListDataset(load_pairs(reward_args.eval_file, tokenizer, reward_args)) if reward_args.eval_file else None,
+        eval_dataset=ListDataset(load_pairs(reward_args.eval_file, tokenizer, reward_args))
+        if reward_args.eval_file
+        else None,
         data_collator=PairCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         compute_metrics=ranking_metrics,

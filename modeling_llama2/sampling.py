@@ -105,7 +105,9 @@ def rejection_sample(
         )  # fmt: skip
         responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
         rows = [encode_response(tokenizer, prompt["messages"], response)[0] for response in responses]
-        scores = {name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()}
+        scores = {
+            name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()
+        }
         if len(scores) == 2:
             logits = combined_reward(scores["helpfulness"], scores["safety"], torch.tensor(prompt["unsafe"]))
         else:

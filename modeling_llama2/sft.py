@@ -5,8 +5,14 @@ import bisect
 from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
-from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 from .chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from .training import ModelArguments, add_lora, load_tokenizer, read_jsonl, save_final

@@ -1,7 +1,7 @@
 import pytest
-from tests.alignment_helpers import make_tokenizer
 
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
+from tests.alignment_helpers import make_tokenizer
 
 BOS, EOS = 1, 2
 

@@ -8,8 +8,15 @@ from modeling_llama2 import Llama2ForCausalLM, Llama2ForSequenceClassification
 from modeling_llama2.reward import encode_response, score
 from modeling_llama2.sampling import SamplingArguments, load_prompts, rejection_sample, reward_curve, sample_responses
 from modeling_llama2.sft import load_sft_samples
-from tests.alignment_helpers import logged_losses, make_tokenizer, qa_pairs, run_script, save_causal_lm, tiny_config
-from tests.alignment_helpers import write_jsonl
+from tests.alignment_helpers import (
+    logged_losses,
+    make_tokenizer,
+    qa_pairs,
+    run_script,
+    save_causal_lm,
+    tiny_config,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +109,10 @@ def test_best_of_n_keeps_the_argmax_and_uses_the_combined_reward(tokenizer, poli
     "record, message",
     [
         ({"question": "the cat?"}, 'need "prompt" \\(text\\) or "messages"'),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "the dialog must end with the user"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "the dialog must end with the user",
+        ),
     ],
 )
 def test_bad_prompts_are_refused_with_their_line(tmp_path, record, message):

@@ -7,10 +7,27 @@ import torch
 from transformers import AutoModelForSequenceClassification, EvalPrediction
 
 from modeling_llama2 import Llama2ForSequenceClassification
-from modeling_llama2.reward import MARGINS, RATINGS, PairCollator, RewardArguments, combined_reward, load_pairs
-from modeling_llama2.reward import ranking_loss, ranking_metrics, score
-from tests.alignment_helpers import WORDS, logged_losses, make_tokenizer, qa_pairs, run_script, save_causal_lm
-from tests.alignment_helpers import tiny_config, write_jsonl
+from modeling_llama2.reward import (
+    MARGINS,
+    RATINGS,
+    PairCollator,
+    RewardArguments,
+    combined_reward,
+    load_pairs,
+    ranking_loss,
+    ranking_metrics,
+    score,
+)
+from tests.alignment_helpers import (
+    WORDS,
+    logged_losses,
+    make_tokenizer,
+    qa_pairs,
+    run_script,
+    save_causal_lm,
+    tiny_config,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +65,7 @@ def test_pairs_carry_the_paper_margin_of_their_rating(tmp_path, tokenizer, table
 
 
 def test_combined_reward_branches():
-    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    logit = lambda p: math.log(p / (1 - p))
     helpfulness = torch.tensor([1.0, 1.0, 1.0, 1.0])
     safety = torch.tensor([logit(0.9), logit(0.1), logit(0.5), logit(0.16)])
     unsafe = torch.tensor([True, False, False, False])
@@ -114,7 +131,9 @@ def test_reward_script_trains_and_saves_a_loadable_model(tmp_path, tokenizer, lo
     losses, eval_losses = logged_losses(out), logged_losses(out, "eval_loss")
     assert losses[-1] < losses[0] - 0.2 and eval_losses[-1] < eval_losses[0] - 0.2
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {f"eval_accuracy_{r}" for r in ("significantly_better", "better", "slightly_better", "negligibly_better")} < set(metrics)
+    assert {
+        f"eval_accuracy_{r}" for r in ("significantly_better", "better", "slightly_better", "negligibly_better")
+    } < set(metrics)
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert isinstance(model, Llama2ForSequenceClassification)

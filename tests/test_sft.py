@@ -8,8 +8,15 @@ from transformers import AutoModelForCausalLM
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from modeling_llama2.sft import PackedCollator, load_sft_samples, pack
-from tests.alignment_helpers import logged_losses, make_tokenizer, qa_pairs, run_script, save_causal_lm, tiny_config
-from tests.alignment_helpers import write_jsonl
+from tests.alignment_helpers import (
+    logged_losses,
+    make_tokenizer,
+    qa_pairs,
+    run_script,
+    save_causal_lm,
+    tiny_config,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
