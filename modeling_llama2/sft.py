@@ -56,9 +56,9 @@ def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
         where = f"{path}:{line_no}"
         try:
             messages = record_to_messages(record)
-            if messages[-1:] and messages[-1].get("role") != "assistant":
-                raise ValueError("the dialog must end with an assistant message, the answer to learn")
             ids, labels = encode_dialog(messages, encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("the dialog must end with an assistant message, the answer to learn")
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
         ids, labels = truncate(ids, labels, max_length, where)
@@ -105,6 +105,13 @@ class PackedCollator:
         return {**self.flatten([sample for row in rows for sample in row]), "use_cache": False}
 
 
+def sft_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
+    """`PackedCollator` for packed rows, else right padding with -100 labels on the padding."""
+    if packing:
+        return PackedCollator()
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
 class ListDataset(Dataset):
     def __init__(self, items: list):
         self.items = items
@@ -130,16 +137,12 @@ def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: T
         samples = load_sft_samples(path, tokenizer, sft_args.max_length)
         return ListDataset(pack(samples, sft_args.max_length) if sft_args.packing else samples)
 
-    if sft_args.packing:
-        collator = PackedCollator()
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset(sft_args.train_file),
         eval_dataset=dataset(sft_args.eval_file) if sft_args.eval_file else None,
-        data_collator=collator,
+        data_collator=sft_collator(tokenizer, sft_args.packing),
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

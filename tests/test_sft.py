@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
-from modeling_llama2.sft import PackedCollator, load_sft_samples, pack
+from modeling_llama2.sft import load_sft_samples, pack, sft_collator
 from tests.alignment_helpers import (
     logged_losses,
     make_tokenizer,
@@ -21,7 +21,9 @@ from tests.alignment_helpers import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.unk_token  # as `load_tokenizer` does for the scripts
+    return tokenizer
 
 
 def tiny_lm(tokenizer, attn_implementation="sdpa"):
@@ -63,7 +65,7 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implem
     samples = load_sft_samples(write_jsonl(tmp_path / "sft.jsonl", records), tokenizer, max_length=128)
     rows = pack(samples, max_length=128)
     assert len(rows) < len(samples)  # several samples share each row
-    batch = PackedCollator()(rows)
+    batch = sft_collator(tokenizer, packing=True)(rows)
     model = tiny_lm(tokenizer, attn_implementation)
     assert model.config.use_cache  # the default, under which an unmarked packed batch would leak attention
 
@@ -77,7 +79,9 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implem
                 out = model(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]]))
                 n = sum(label != IGNORE_INDEX for label in s["labels"][1:])
                 summed, n_targets = summed + out.loss * n, n_targets + n
+        padded = model(**sft_collator(tokenizer, packing=False)(samples))
     torch.testing.assert_close(packed.loss, summed / n_targets, rtol=0, atol=1e-5)
+    torch.testing.assert_close(padded.loss, summed / n_targets, rtol=0, atol=1e-5)
 
 
 def test_pack_fills_rows_with_whole_samples():
