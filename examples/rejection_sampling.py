@@ -39,7 +39,10 @@ def main():
     set_seed(training_args.seed)
     device = training_args.device
     tokenizer = load_tokenizer(model_args.model)
-    policy = AutoModelForCausalLM.from_pretrained(model_args.model, dtype="auto").to(device).eval()
+    policy = AutoModelForCausalLM.from_pretrained(
+        model_args.model, dtype="auto", attn_implementation=model_args.attn_implementation
+    )
+    policy = policy.to(device).eval()
     reward_models = {name: load_reward_model(path, name, device) for name, path in paths.items() if path}
     records = rejection_sample(policy, tokenizer, reward_models, load_prompts(args.prompts), args)
 

@@ -171,7 +171,11 @@ def run_reward_model(
 
     def load_base():
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model, num_labels=1, id2label={0: reward_args.objective}, label2id={reward_args.objective: 0}
+            model_args.model,
+            num_labels=1,
+            id2label={0: reward_args.objective},
+            label2id={reward_args.objective: 0},
+            attn_implementation=model_args.attn_implementation,
         )
         model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last token that is not padding
         return model

@@ -71,8 +71,8 @@ def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
 def pack(samples: list[dict], max_length: int) -> list[list[dict]]:
     """Group whole samples into rows of at most `max_length` tokens (best-fit decreasing bin packing).
 
-    Samples are never split, so each keeps its full context and the packed loss equals the unpacked one; rows come
-    out nearly full, so there is almost no padding to spend compute on (and the collator adds none).
+    Samples are never split, so each keeps its full context and the packed loss equals the unpacked one. Rows come
+    out nearly full, which keeps the tokens per step steady; the collator then adds no padding at all.
     """
     rows: list[list[dict]] = []
     free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
@@ -129,7 +129,9 @@ def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: T
     tokenizer = load_tokenizer(model_args.model)
 
     def load_base():
-        return AutoModelForCausalLM.from_pretrained(model_args.model)
+        return AutoModelForCausalLM.from_pretrained(
+            model_args.model, attn_implementation=model_args.attn_implementation
+        )
 
     model = add_lora(load_base(), model_args, task_type="CAUSAL_LM")
 

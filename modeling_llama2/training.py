@@ -23,6 +23,10 @@ from transformers import (
 @dataclass
 class ModelArguments:
     model: str = field(metadata={"help": "Model directory (or Hub id) to start from; its tokenizer is used too."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "`sdpa`, `eager` or `flash_attention_2` (best for packing on GPU); default: the model's."},
+    )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of every weight."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
