@@ -97,8 +97,14 @@ def rejection_sample(
     """
     encode = tokenizer_encoder(tokenizer)
     records = []
-    for prompt in tqdm(prompts, desc=f"best of {args.num_samples}"):
+    context = policy.config.max_position_embeddings
+    for i, prompt in enumerate(tqdm(prompts, desc=f"best of {args.num_samples}"), 1):
         prompt_ids = encode_dialog(prompt["messages"], encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
+        if len(prompt_ids) + args.max_new_tokens > context:
+            raise ValueError(
+                f"Prompt {i} has {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
+                f"model's context of {context} tokens. Shorten or drop the prompt, or lower --max-new-tokens."
+            )
         sampled = sample_responses(
             policy, prompt_ids, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
             tokenizer.pad_token_id,

@@ -79,11 +79,11 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, given a pad token if it has none (Llama 2 has none; `<unk>` is used, never EOS, so
-    that a reward head that looks for the last non-padding token still finds the EOS that ends each response)."""
+    """The model's tokenizer, given `<unk>` as pad token if it has none (Llama 2's has none). Not EOS: a reward head
+    looks for the last token that is not padding, and that must be the EOS closing the response."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 
 

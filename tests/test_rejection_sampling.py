@@ -105,6 +105,16 @@ def test_best_of_n_keeps_the_argmax_and_uses_the_combined_reward(tokenizer, poli
         torch.testing.assert_close(torch.tensor(rewards), expected)
 
 
+def test_prompt_too_long_for_the_context_is_refused(tokenizer, policy):
+    prompts = [
+        {"messages": [{"role": "user", "content": "the cat?"}], "unsafe": False},
+        {"messages": [{"role": "user", "content": "the cat sat on the mat " * 60}], "unsafe": False},
+    ]
+    args = SamplingArguments(prompts="-", num_samples=2, max_new_tokens=8)
+    with pytest.raises(ValueError, match="Prompt 2 has .* exceeds the model's context of 256 tokens"):
+        rejection_sample(policy, tokenizer, {"helpfulness": reward_model(tokenizer, 1, "helpfulness")}, prompts, args)
+
+
 @pytest.mark.parametrize(
     "record, message",
     [
