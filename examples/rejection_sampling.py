@@ -15,7 +15,6 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-import modeling_llama2  # noqa: F401  (registers the Llama 2 classes with the Auto classes)
 from modeling_llama2.sampling import SamplingArguments, load_prompts, plot_reward_curve, rejection_sample, reward_curve
 from modeling_llama2.sft import SFTArguments, run_sft
 from modeling_llama2.training import ModelArguments, load_tokenizer, parse_args, write_jsonl

@@ -6,7 +6,6 @@
 See examples/README.md for the data format and flags; every `TrainingArguments` flag works too.
 """
 
-import modeling_llama2  # noqa: F401  (registers the Llama 2 classes with the Auto classes)
 from modeling_llama2.reward import RewardArguments, run_reward_model
 from modeling_llama2.training import ModelArguments, parse_args
 

@@ -5,7 +5,6 @@
 See examples/README.md for the data format and flags; every `TrainingArguments` flag works too.
 """
 
-import modeling_llama2  # noqa: F401  (registers the Llama 2 classes with the Auto classes)
 from modeling_llama2.sft import SFTArguments, run_sft
 from modeling_llama2.training import ModelArguments, parse_args
 
