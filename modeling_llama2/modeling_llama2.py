@@ -284,7 +284,10 @@ class Llama2Model(Llama2PreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
+        # The mask is built as if there were no cache when the cache starts empty here: transformers then
+        # detects packed sequences (position_ids restarting at 0) and keeps attention inside each of them.
+        new_cache = use_cache and cache is None
+        if new_cache:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
@@ -296,7 +299,7 @@ class Llama2Model(Llama2PreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
+            cache=None if new_cache else cache,
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds

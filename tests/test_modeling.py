@@ -110,11 +110,13 @@ def test_static_cache_generate_matches_dynamic():
 def test_explicit_position_ids():
     ours, ref = model_pair()
     input_ids = torch.randint(1, TINY["vocab_size"], (1, 16))
-    gapped = torch.cat([torch.arange(8), torch.arange(30, 38)]).unsqueeze(0)
-    torch.testing.assert_close(
-        logits(ours, input_ids, position_ids=gapped), logits(ref, input_ids, position_ids=gapped), atol=ATOL, rtol=0
+    # With an attention mask, a jump in position_ids is a jump in position (without one, transformers reads
+    # it as the start of a packed sequence).
+    gapped = dict(
+        position_ids=torch.cat([torch.arange(8), torch.arange(30, 38)]).unsqueeze(0), attention_mask=torch.ones(1, 16)
     )
-    assert not torch.allclose(logits(ours, input_ids, position_ids=gapped), logits(ours, input_ids), atol=1e-4)
+    torch.testing.assert_close(logits(ours, input_ids, **gapped), logits(ref, input_ids, **gapped), atol=ATOL, rtol=0)
+    assert not torch.allclose(logits(ours, input_ids, **gapped), logits(ours, input_ids), atol=1e-4)
     # RoPE encodes relative positions: shifting all of them changes nothing.
     shifted = torch.arange(7, 23).unsqueeze(0)
     torch.testing.assert_close(logits(ours, input_ids, position_ids=shifted), logits(ours, input_ids), atol=ATOL, rtol=0)
@@ -212,3 +214,17 @@ def test_config_defaults_are_llama2_7b():
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
     assert config.num_key_value_heads == config.num_attention_heads
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_sequences_attend_only_within_themselves(attn_implementation):
+    """Sequences packed into one row with position_ids restarting at 0 give each sequence's own logits, with
+    the config's default `use_cache=True` too (a fresh cache must not switch packing detection off)."""
+    ours, _ = model_pair(attn_implementation=attn_implementation)
+    assert ours.config.use_cache
+    sequences = [torch.randint(1, TINY["vocab_size"], (n,)) for n in (7, 12, 5)]
+    packed = torch.cat(sequences).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(len(s)) for s in sequences]).unsqueeze(0)
+    packed_logits = logits(ours, packed, position_ids=position_ids)[0]
+    alone = torch.cat([logits(ours, s.unsqueeze(0))[0] for s in sequences])
+    torch.testing.assert_close(packed_logits, alone, atol=ATOL, rtol=0)
