@@ -1,7 +1,7 @@
-"""A synthetic task whose answers can be checked exactly: adding two numbers below 100.
+"""A synthetic task whose answers can be checked exactly: adding two numbers below 50.
 
 It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining text (`23+45=68`), chat
-instructions for SFT ("What is 23 plus 45?" -> "23+45=68"), preference pairs whose rating says how wrong the rejected
+instructions for SFT ("What is 23+45?" -> "23+45=68"), preference pairs whose rating says how wrong the rejected
 answer is, prompts for rejection sampling, and a checker for the answers a model gives.
 """
 
@@ -9,17 +9,15 @@ import random
 import re
 from typing import NamedTuple
 
-QUESTIONS = (
+QUESTIONS = (  # each spells the sum as in pretraining, so a tiny model can find the operands
     "What is {a}+{b}?",
-    "What is {a} plus {b}?",
-    "Add {a} and {b}.",
     "Compute {a}+{b}.",
-    "How much is {a} plus {b}?",
-    "Please add {a} to {b}.",
-    "What do you get when you add {a} and {b}?",
-    "Sum {a} and {b}.",
+    "How much is {a}+{b}?",
+    "Please work out {a}+{b} for me.",
+    "{a}+{b} is what?",
+    "Tell me the value of {a}+{b}.",
 )
-LARGEST = 99
+LARGEST = 49
 
 
 class Problem(NamedTuple):

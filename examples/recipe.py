@@ -51,6 +51,7 @@ from modeling_llama2.sft import SFTArguments, run_sft
 from modeling_llama2.training import ModelArguments, load_tokenizer, write_jsonl
 
 CONTEXT = 128  # tokens: a chat-formatted question and its answer take about 30
+PRETRAIN_ROW = 64
 
 
 @dataclass
@@ -58,27 +59,40 @@ class Sizes:
     """How big each stage is. The defaults take a few minutes on 2 cores; `QUICK` only checks the path."""
 
     hidden_size: int = 128
-    num_layers: int = 4
-    pretrain_problems: int = 6000
-    pretrain_steps: int = 600
-    pretrain_batch: int = 32  # rows of CONTEXT tokens, each packed with about a dozen sums
-    pretrain_lr: float = 3e-3
-    sft_problems: int = 1000
-    sft_epochs: float = 3
+    num_layers: int = 3
+    pretrain_problems: int = 1100
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 16  # rows of PRETRAIN_ROW tokens, each packed with about five sums
+    pretrain_lr: float = 5e-3
+    sft_problems: int = 300
+    sft_epochs: float = 6
     sft_lr: float = 1e-3
-    pair_problems: int = 1500
+    pair_problems: int = 400
     rm_epochs: float = 2
     rm_lr: float = 5e-4
-    rs_prompts: int = 1000
+    rs_prompts: int = 400
     rs_epochs: float = 2
     rs_lr: float = 5e-4
     eval_problems: int = 200
 
 
 QUICK = Sizes(
-    hidden_size=64, num_layers=2, pretrain_problems=1000, pretrain_steps=60, sft_problems=200, sft_epochs=1,
+    hidden_size=64, num_layers=2, pretrain_problems=500, pretrain_steps=60, sft_problems=200, sft_epochs=1,
     pair_problems=200, rm_epochs=1, rs_prompts=16, rs_epochs=1, eval_problems=32,
 )  # fmt: skip
+ARTEFACTS = {
+    "data sets (pretraining text, SFT, pairs, prompts)": "data",
+    "tokenizer (sentencepiece)": "tokenizer.model",
+    "pretrained model (Hugging Face, as trained)": "pretrained",
+    "pretrained model in Meta's format": "meta",
+    "pretrained model converted back (with chat template)": "base",
+    "SFT model": "sft",
+    "reward model": "reward_model",
+    "best-of-16 samples and rewards": "rejection_sampling_data.jsonl",
+    "rejection-sampling fine-tuned model": "rejection_sampling",
+    "max-vs-median reward plot": "max_vs_median_reward.png",
+    "metrics": "metrics.json",
+}
 NS = (1, 2, 4, 8, 16)  # rejection-sampling sizes reported; the best of the largest is kept
 
 
@@ -91,7 +105,7 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
             "pretrain": sizes.pretrain_problems,
             "sft": sizes.sft_problems,
             "pairs": sizes.pair_problems,
-            "pairs_eval": max(sizes.eval_problems, 50),
+            "pairs_eval": 100,
             "rejection_sampling": sizes.rs_prompts,
         },
     )
@@ -122,7 +136,7 @@ def train_tokenizer(data_dir: Path, path: Path) -> None:
 
 
 def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Sizes) -> None:
-    """Next-token prediction on the raw sums, packed into rows of CONTEXT tokens (each sum between BOS and EOS)."""
+    """Next-token prediction on the raw sums, packed into rows of PRETRAIN_ROW tokens (each sum between BOS and EOS)."""
     tokenizer = save_tokenizer(tokenizer_file, output_dir, chat=False, model_max_length=CONTEXT)
     config = Llama2Config(
         vocab_size=len(tokenizer), hidden_size=sizes.hidden_size, intermediate_size=ffn_size(sizes.hidden_size),
@@ -135,7 +149,7 @@ def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Size
 
     lines = (data_dir / "pretrain.txt").read_text().splitlines()
     stream = [t for ids in tokenizer(lines)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
-    rows = torch.tensor(stream[: len(stream) // CONTEXT * CONTEXT]).view(-1, CONTEXT)
+    rows = torch.tensor(stream[: len(stream) // PRETRAIN_ROW * PRETRAIN_ROW]).view(-1, PRETRAIN_ROW)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sizes.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=sizes.pretrain_lr, total_steps=sizes.pretrain_steps, pct_start=0.1
@@ -180,12 +194,27 @@ def trainer_args(output_dir: Path, epochs: float, lr: float, batch: int, seed: i
     )  # fmt: skip
 
 
-def greedy_answers(model_dir: Path, prompts: list, max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers through `pipeline("text-generation")`: chat prompts (message lists) get the chat template."""
+def load_policy(model_dir: Path):
+    """The causal LM of a stage, ready to generate.
+
+    `meta-to-hf` writes `max_length` (the context) into `generation_config.json`, which makes every
+    `generate(max_new_tokens=...)` warn that both are set; the length here is always `max_new_tokens`.
+    """
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.generation_config.max_length = None
+    return model
+
+
+def chat_pipeline(model_dir: Path):
+    """`pipeline("text-generation")` for a stage, batching left-padded prompts."""
     tokenizer = load_tokenizer(str(model_dir))
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    generate = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    return pipeline("text-generation", model=load_policy(model_dir), tokenizer=tokenizer, device="cpu")
+
+
+def greedy_answers(model_dir: Path, prompts: list, max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers through `pipeline("text-generation")`: chat prompts (message lists) get the chat template."""
+    generate = chat_pipeline(model_dir)
     outputs = generate(prompts, batch_size=64, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)
     return [output[0]["generated_text"].strip() for output in outputs]
 
@@ -204,8 +233,8 @@ def evaluate(model_dir: Path, problems: list[Problem], prompts: list[str]) -> di
 def mean_reward(reward_model, tokenizer, prompts: list[str], answers: list[str]) -> float:
     """Mean helpfulness reward (sigmoid of the score, as rejection sampling reports it) of answers to prompts."""
     rows = [encode_response(tokenizer, [{"role": "user", "content": p}], a)[0] for p, a in zip(prompts, answers)]
-    rewards = torch.cat([torch.sigmoid(score(reward_model, rows[i : i + 64], tokenizer.pad_token_id)) for i in range(0, len(rows), 64)])
-    return rewards.mean().item()
+    scores = [score(reward_model, rows[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(rows), 64)]
+    return torch.sigmoid(torch.cat(scores)).mean().item()
 
 
 def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
@@ -233,11 +262,6 @@ def main() -> None:
     rng = random.Random(args.seed)
     set_seed(args.seed)
     start = time.perf_counter()
-    dirs = {
-        "data": out / "data", "tokenizer": out / "tokenizer.model", "pretrained (HF, as trained)": out / "pretrained",
-        "pretrained (Meta format)": out / "meta", "pretrained (converted back, chat template)": out / "base",
-        "SFT model": out / "sft", "reward model": out / "reward_model", "rejection sampling": out / "rejection_sampling",
-    }  # fmt: skip
     results, stage_seconds = {}, {}
 
     print("\n== 1. tokenizer and pretraining ==")
@@ -278,13 +302,14 @@ def main() -> None:
     print("\n== 5. rejection sampling: best of 16, then fine-tuning on the best ==")
     t = time.perf_counter()
     tokenizer = load_tokenizer(str(out / "sft"))
-    policy = AutoModelForCausalLM.from_pretrained(out / "sft").eval()
+    policy = load_policy(out / "sft")
     reward_model = AutoModelForSequenceClassification.from_pretrained(out / "reward_model").eval()
     sampling = SamplingArguments(
         prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=1.0, top_p=1.0,
         max_new_tokens=16,
     )  # fmt: skip
-    records = rejection_sample(policy, tokenizer, {"helpfulness": reward_model}, load_prompts(sampling.prompts), sampling)
+    prompts = load_prompts(sampling.prompts)
+    records = rejection_sample(policy, tokenizer, {"helpfulness": reward_model}, prompts, sampling)
     write_jsonl(str(out / "rejection_sampling_data.jsonl"), records)
     curve = best_of_n_table(records, problems["rejection_sampling"])
     plot_reward_curve(curve, str(out / "max_vs_median_reward.png"))
@@ -304,8 +329,7 @@ def main() -> None:
         result["mean_reward"] = mean_reward(reward_model, tokenizer, eval_prompts, result["answers"])
 
     print("\n== 6. chatting with the result through pipeline('text-generation') ==")
-    final_tokenizer = load_tokenizer(str(out / "rejection_sampling"))
-    chat = pipeline("text-generation", model=str(out / "rejection_sampling"), tokenizer=final_tokenizer, device="cpu")
+    chat = chat_pipeline(out / "rejection_sampling")
     for prompt, problem in list(zip(eval_prompts, problems["eval"]))[:3]:
         messages = [{"role": "user", "content": prompt}]
         reply = chat(messages, max_new_tokens=16, do_sample=False)[0]["generated_text"][-1]["content"]
@@ -322,10 +346,8 @@ def main() -> None:
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print("\nartefacts:")
-    extra = {"rejection-sampling data": out / "rejection_sampling_data.jsonl",
-             "max-vs-median reward plot": out / "max_vs_median_reward.png", "metrics": out / "metrics.json"}  # fmt: skip
-    for name, path in {**dirs, **extra}.items():
-        print(f"  {name:45s} {path}")
+    for name, path in ARTEFACTS.items():
+        print(f"  {name:52s} {out / path}")
     print(f"\ntotal wall time {wall / 60:.1f} min")
 
 
@@ -337,11 +359,14 @@ def report(stage: str, result: dict) -> None:
 def print_curve(curve: list[dict]) -> None:
     print("\n  N   mean max reward   mean median reward   RM's pick right   any sample right")
     for p in curve:
-        print(f"{p['n']:3d}   {p['max']:15.3f}   {p['median']:18.3f}   {p['accuracy_of_best']:15.1%}   {p['any_right']:16.1%}")
+        print(
+            f"{p['n']:3d}   {p['max']:15.3f}   {p['median']:18.3f}   {p['accuracy_of_best']:15.1%}   "
+            f"{p['any_right']:16.1%}"
+        )
 
 
 def print_table(results: dict[str, dict], n: int) -> None:
-    print(f"\nheld-out problems: {n}; greedy answers; rewards from the final reward model (trained after SFT) for every stage")
+    print(f"\n{n} held-out problems, greedy answers; every stage's rewards from the one reward model (trained on SFT)")
     print(f"{'stage':20s} {'accuracy (chat)':>16s} {'accuracy (raw a+b=)':>20s} {'mean reward':>12s}")
     for name, r in results.items():
         print(f"{name:20s} {r['accuracy']:16.1%} {r['accuracy_raw_text']:20.1%} {r['mean_reward']:12.3f}")

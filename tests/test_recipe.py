@@ -1,0 +1,80 @@
+"""`examples/recipe.py --quick` end to end: every stage runs and leaves loadable artefacts and finite metrics.
+
+Quality is not asserted: the quick sizes are too small for the numbers to mean anything.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
+
+RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipe.py"
+STAGES = ("pretrained", "sft", "rejection sampling")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("recipe")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--quick", "--output-dir", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "accuracy (chat)" in result.stdout and str(out / "metrics.json") in result.stdout
+    return out
+
+
+def test_metrics_cover_every_stage_with_finite_numbers(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["stages"]) == list(STAGES)
+    for stage in metrics["stages"].values():
+        for key in ("accuracy", "accuracy_raw_text"):
+            assert 0.0 <= stage[key] <= 1.0
+        assert 0.0 <= stage["mean_reward"] <= 1.0
+    assert [point["n"] for point in metrics["best_of_n"]] == [1, 2, 4, 8, 16]
+    for point in metrics["best_of_n"]:
+        assert all(math.isfinite(point[key]) for key in ("max", "median", "accuracy_of_best", "any_right"))
+        assert point["max"] >= point["median"]
+    assert math.isfinite(metrics["reward_model"]["eval_accuracy"])
+    assert metrics["seconds"]["total"] > 0
+
+
+def test_meta_format_files_exist(run):
+    meta = run / "meta"
+    assert {"consolidated.00.pth", "params.json", "tokenizer.model"} <= {p.name for p in meta.iterdir()}
+    assert json.loads((meta / "params.json").read_text())["n_kv_heads"] == 2  # grouped-query attention
+
+
+@pytest.mark.parametrize("stage", ["pretrained", "base", "sft", "rejection_sampling"])
+def test_models_load_with_auto_classes(run, stage):
+    model = AutoModelForCausalLM.from_pretrained(run / stage)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    assert AutoTokenizer.from_pretrained(run / stage).bos_token == "<s>"
+
+
+def test_chat_template_from_conversion(run):
+    tokenizer = AutoTokenizer.from_pretrained(run / "sft")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False)
+    assert text == "<s>[INST] What is 2+3? [/INST]"
+
+
+def test_reward_model_loads(run):
+    model = AutoModelForSequenceClassification.from_pretrained(run / "reward_model")
+    assert model.config.num_labels == 1 and model.config.id2label[0] == "helpfulness"
+
+
+def test_data_plot_and_rejection_sampling_data(run):
+    for name in ("pretrain.txt", "sft.jsonl", "pairs.jsonl", "pairs_eval.jsonl", "eval_prompts.jsonl"):
+        assert (run / "data" / name).stat().st_size > 0
+    assert (run / "max_vs_median_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (run / "rejection_sampling_data.jsonl").read_text().splitlines()]
+    assert records and all(len(record["samples"]) == 16 for record in records)
+    assert all(record["messages"][-1]["role"] == "assistant" for record in records)
