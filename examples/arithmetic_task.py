@@ -1,4 +1,4 @@
-"""A synthetic task whose answers can be checked exactly: adding two numbers below 50.
+"""A synthetic task whose answers can be checked exactly: adding two numbers below 100.
 
 It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining text (`23+45=68`), chat
 instructions for SFT ("What is 23+45?" -> "23+45=68"), preference pairs whose rating says how wrong the rejected
@@ -17,7 +17,7 @@ QUESTIONS = (  # each spells the sum as in pretraining, so a tiny model can find
     "{a}+{b} is what?",
     "Tell me the value of {a}+{b}.",
 )
-LARGEST = 49
+LARGEST = 99
 
 
 class Problem(NamedTuple):
