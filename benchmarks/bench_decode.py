@@ -141,6 +141,7 @@ def main() -> None:
                     name, variant, f"{speed:.1f}", f"{speed / limit:.2f}",
                     f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", f"{memory[name][variant]:.0f}",
                 ])
+                print(" | ".join(rows[-1]), flush=True)  # progress: a run takes many minutes on a busy machine
 
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     print_table(
