@@ -142,7 +142,7 @@ def save_hf_checkpoint(
             do_sample=True,
             temperature=0.6,
             top_p=0.9,
-            max_length=config.max_position_embeddings,
+            # No `max_length`: with it, every `generate(max_new_tokens=...)` warns that both are set.
         ).save_pretrained(staging)
         if tokenizer is not None:
             save_tokenizer(tokenizer, staging, chat=chat, model_max_length=config.max_position_embeddings)
