@@ -1,7 +1,7 @@
 """Inference speed of `modeling_llama2.decoding` (static cache, compiled step; optionally int8 weights) against
 transformers' `LlamaForCausalLM` of the same shape and weights, in one process.
 
-    python benchmarks/bench_decode.py [--shape 15m|125m] [--rounds 9] [--new-tokens 128] [--best-of]
+    python benchmarks/bench_decode.py [--shape 15m|125m] [--rounds 9] [--new-tokens 128] [--workloads decode1,...]
 
 Variants are timed round-robin with `timing.paired_ratios`; ratios are against transformers' default
 `generate` (or forward, for prefill). Each speed is also given as a fraction of this machine's limit, measured
@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=["15m", "125m"], default="15m")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--best-of", action="store_true", help="also best-of-16 from a 256-token prompt")
+    parser.add_argument(
+        "--workloads", default="decode1,decode8,prefill,best-of", help="comma-separated subset of the default"
+    )
     args = parser.parse_args()
     new, n = args.new_tokens, 16
 
@@ -91,55 +93,55 @@ def main() -> None:
     def fast(model, batch: int, compile: bool = True):
         return lambda: decoding.generate(model, prompt[batch], new, compile=compile)
 
-    workloads = {  # name -> (tokens or samples per call, {variant: (callable, bytes per step or None)})
-        "decode b=1": (new, {
+    workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
+        "decode1": ("decode b=1", new, {
             "transformers": hf(1),
             "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
             "ours compiled": fast(ours, 1),
             "ours int8": fast(int8, 1, compile=False),  # fbgemm's packed weights are opaque to dynamo
         }),
-        "decode b=8": (8 * new, {
+        "decode8": ("decode b=8", 8 * new, {
             "transformers": hf(8),
             "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
             "ours compiled": fast(ours, 8),
             "ours int8": fast(int8, 8, compile=False),
         }),
-        "prefill 1x512": (512, {
+        "prefill": ("prefill 1x512", 512, {
             "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
             "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
             "ours int8": lambda: decoding.prefill(int8, long_prompt, 512 + new),
         }),
-    }
-    if args.best_of:
-        workloads[f"best-of-{n}, 256 + {new}"] = (n, {
+        "best-of": (f"best-of-{n}, 256 + {new}", n, {
             "transformers": lambda: ref.generate(
                 bo_prompt, do_sample=True, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
                 top_k=0, pad_token_id=0,
             ),
             "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n, new),
             "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n, new, compile=False),
-        })
+        }),
+    }
+    workloads = {key: workloads[key] for key in args.workloads.split(",")}
 
     bandwidth, flops = memory_bandwidth(), matmul_flops()
     bytes_per_step = {"ours int8": weight_bytes(int8)}
     rows = []
     with torch.no_grad():
         # Also the warm-up (and compiles), all before any timing so that a failure shows early.
-        memory = {name: {v: peak_rss_rise(fn) for v, fn in variants.items()} for name, (_, variants) in workloads.items()}
-        for name, (units, variants) in workloads.items():
+        memory = {key: {v: peak_rss_rise(fn) for v, fn in variants.items()} for key, (_, _, variants) in workloads.items()}
+        for key, (name, units, variants) in workloads.items():
             result = paired_ratios(variants, baseline="transformers", rounds=args.rounds)
             for variant, r in result.items():
                 step_bytes = bytes_per_step.get(variant, weight_bytes(ours))
-                if name.startswith("decode"):
+                if key.startswith("decode"):
                     limit = units / new * bandwidth / step_bytes
-                elif name.startswith("prefill"):
-                    limit = flops / prefill_flops(config, units)
+                elif key == "prefill":
+                    limit = units * flops / prefill_flops(config, units)
                 else:
                     limit = units / (prefill_flops(config, 256) / flops + new * step_bytes / bandwidth)
                 speed = units / r["seconds"]
                 rows.append([
                     name, variant, f"{speed:.1f}", f"{speed / limit:.2f}",
-                    f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", f"{memory[name][variant]:.0f}",
+                    f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", f"{memory[key][variant]:.0f}",
                 ])
                 print(" | ".join(rows[-1]), flush=True)  # progress: a run takes many minutes on a busy machine
 
