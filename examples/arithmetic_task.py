@@ -1,91 +1,78 @@
-"""A synthetic task whose answers can be checked exactly: adding two numbers below 100.
+"""A synthetic task whose answers can be checked exactly: sorting five digits (`39140=01349`).
 
-It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining text (`23+45=68`), chat
-instructions for SFT ("What is 23+45?" -> "23+45=68"), preference pairs whose rating says how wrong the rejected
-answer is, prompts for rejection sampling, and a checker for the answers a model gives.
+Two-digit addition was tried first and is out of reach of the recipe's budget: a 0.6M model pretrained for a few
+thousand steps on CPU memorized training sums (2% on new ones), and with the sum written least significant digit first
+it had not learned the carry rule after 3000 steps either. Sorting is learned from a few hundred thousand examples by
+a tiny transformer, not perfectly, and there are 100,000 problems, so held-out ones are not memorized.
+
+It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining text (`39140=01349`), chat
+instructions for SFT (`39140=` -> `01349`: the prompt as in pretraining, so SFT can reuse what pretraining learned),
+preference pairs whose rating says how wrong the rejected answer is, prompts for rejection sampling, and a checker.
 """
 
 import random
 import re
 from typing import NamedTuple
 
-QUESTIONS = (  # each spells the sum as in pretraining, so a tiny model can find the operands
-    "What is {a}+{b}?",
-    "Compute {a}+{b}.",
-    "How much is {a}+{b}?",
-    "Please work out {a}+{b} for me.",
-    "{a}+{b} is what?",
-    "Tell me the value of {a}+{b}.",
-)
-LARGEST = 99
+LENGTH = 8
 
 
 class Problem(NamedTuple):
-    a: int
-    b: int
+    digits: str
 
     @property
-    def answer(self) -> int:
-        return self.a + self.b
+    def answer(self) -> str:
+        return "".join(sorted(self.digits))
 
 
 def split_problems(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[Problem]]:
     """Disjoint sets of distinct problems, one per name in `sizes` (so held-out problems are never trained on)."""
-    every = [Problem(a, b) for a in range(LARGEST + 1) for b in range(LARGEST + 1)]
-    if sum(sizes.values()) > len(every):
-        raise ValueError(f"asked for {sum(sizes.values())} problems; there are only {len(every)}")
-    rng.shuffle(every)
+    every = [Problem(f"{n:0{LENGTH}d}") for n in rng.sample(range(10**LENGTH), sum(sizes.values()))]
     splits, start = {}, 0
     for name, n in sizes.items():
         splits[name], start = every[start : start + n], start + n
     return splits
 
 
-def equation(problem: Problem, result: int | None = None) -> str:
-    """`23+45=68`, the pretraining text and the assistant's answer (with `result` instead of the sum if given)."""
-    return f"{problem.a}+{problem.b}={problem.answer if result is None else result}"
+def question(problem: Problem) -> str:
+    """`39140=`, the start of a pretraining line and the chat prompt."""
+    return f"{problem.digits}="
 
 
-def question(problem: Problem, rng: random.Random) -> str:
-    return rng.choice(QUESTIONS).format(a=problem.a, b=problem.b)
+def equation(problem: Problem) -> str:
+    """`39140=01349`, the pretraining text."""
+    return question(problem) + problem.answer
 
 
-def sft_record(problem: Problem, rng: random.Random) -> dict:
-    return {"prompt": question(problem, rng), "response": equation(problem)}
+def sft_record(problem: Problem) -> dict:
+    return {"prompt": question(problem), "response": problem.answer}
 
 
-def wrong_result(problem: Problem, rng: random.Random) -> int:
-    """A plausible wrong sum: off by one or two, a carry dropped or added (off by ten), or far off."""
+def near_miss(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong answer: the sorted digits with one to three of them replaced."""
     while True:
-        offset = rng.choice([rng.choice([1, 2]), 10, rng.randint(3, 60)]) * rng.choice([-1, 1])
-        if problem.answer + offset >= 0:
-            return problem.answer + offset
+        answer = list(problem.answer)
+        for i in rng.sample(range(LENGTH), rng.randint(1, 3)):
+            answer[i] = rng.choice("0123456789")
+        if "".join(answer) != problem.answer:
+            return "".join(answer)
 
 
-def rating(error: int) -> str:
-    """How much better the right answer is than one that is `error` off (the Llama 2 paper's four levels)."""
-    error = abs(error)
-    if error >= 10:
-        return "significantly better"
-    if error >= 3:
-        return "better"
-    if error == 2:
-        return "slightly better"
-    return "negligibly better / unsure"
+def rating(wrong_digits: int) -> str:
+    """How much better the right answer is than one with `wrong_digits` digits wrong (the paper's four levels)."""
+    return "significantly better" if wrong_digits >= 3 else ("slightly better", "better")[wrong_digits - 1]
 
 
-def preference_pair(problem: Problem, rng: random.Random) -> dict:
-    """A comparison for the reward model: the right answer is chosen over a wrong one."""
-    wrong = wrong_result(problem, rng)
-    return {
-        "prompt": question(problem, rng),
-        "chosen": equation(problem),
-        "rejected": equation(problem, wrong),
-        "rating": rating(wrong - problem.answer),
-    }
+def preference_pair(problem: Problem, rng: random.Random, rejected: str | None = None) -> dict:
+    """A comparison for the reward model: the right answer is chosen over `rejected` (a wrong answer; by default a
+    near miss), rated by how many digits are wrong (an answer of the wrong length counts as far off)."""
+    if rejected is None:
+        rejected = near_miss(problem, rng)
+    wrong = sum(map(str.__ne__, rejected, problem.answer)) if len(rejected) == LENGTH else LENGTH
+    return {"prompt": question(problem), "chosen": problem.answer, "rejected": rejected, "rating": rating(wrong)}
 
 
 def is_correct(problem: Problem, response: str) -> bool:
-    """Exact-answer check: the response's last number is the sum."""
+    """Exact-answer check: the response's last number is the sorted digits."""
     numbers = re.findall(r"\d+", response)
-    return bool(numbers) and int(numbers[-1]) == problem.answer
+    return bool(numbers) and numbers[-1] == problem.answer
