@@ -1,13 +1,15 @@
-"""A synthetic task whose answers can be checked exactly: sorting five digits (`39140=01349`).
+"""A synthetic task whose answers can be checked exactly: sorting eight digits (`51706749=01456779`).
 
-Two-digit addition was tried first and is out of reach of the recipe's budget: a 0.6M model pretrained for a few
-thousand steps on CPU memorized training sums (2% on new ones), and with the sum written least significant digit first
-it had not learned the carry rule after 3000 steps either. Sorting is learned from a few hundred thousand examples by
-a tiny transformer, not perfectly, and there are 100,000 problems, so held-out ones are not memorized.
+Two-digit addition was tried first and is out of reach of the recipe's budget: a 0.6M model pretrained for 2500 steps
+on CPU memorized training sums (2% right on new ones), and with the sum written least significant digit first (which
+makes addition learnable for small transformers, given far more steps) it got 7% right. The same model sorts eight
+digits right 44% of the time after 250 steps and 92% after 400 (measured), and with 10^8 problems held-out ones are
+never memorized.
 
-It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining text (`39140=01349`), chat
-instructions for SFT (`39140=` -> `01349`: the prompt as in pretraining, so SFT can reuse what pretraining learned),
-preference pairs whose rating says how wrong the rejected answer is, prompts for rejection sampling, and a checker.
+It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining text (`51706749=01456779`), chat
+instructions for SFT (`51706749=` -> `01456779`: the prompt as in pretraining, so SFT can reuse what pretraining
+learned), preference pairs whose rating says how many digits of the rejected answer are wrong, prompts for rejection
+sampling, and a checker.
 """
 
 import random
