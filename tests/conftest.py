@@ -6,6 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
 
+from .alignment_helpers import make_tokenizer
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = dict(
@@ -41,3 +43,11 @@ def model_pair(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
 def tiny_model():
     torch.manual_seed(0)
     return Llama2ForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The alignment tests' tiny Llama-like tokenizer, padding with `<unk>` as the scripts' `load_tokenizer` does."""
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

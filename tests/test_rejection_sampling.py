@@ -10,20 +10,12 @@ from modeling_llama2.sampling import SamplingArguments, load_prompts, rejection_
 from modeling_llama2.sft import load_sft_samples
 from tests.alignment_helpers import (
     logged_losses,
-    make_tokenizer,
     qa_pairs,
     run_script,
     save_causal_lm,
     tiny_config,
     write_jsonl,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = make_tokenizer()
-    tokenizer.pad_token = tokenizer.unk_token  # as `load_tokenizer` does for the scripts
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
