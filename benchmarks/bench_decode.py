@@ -1,4 +1,5 @@
-"""Inference speed of `modeling_llama2.decoding` (static cache, compiled step; optionally int8 weights) against
+"""Inference speed of `modeling_llama2.decoding` (static cache, compiled step; weights as they are, prepacked for
+oneDNN by `packing.pack_linears`, or int8 through fbgemm) against
 transformers' `LlamaForCausalLM` of the same shape and weights, in one process.
 
     python benchmarks/bench_decode.py [--shape 15m|125m] [--rounds 9] [--new-tokens 128] [--workloads decode1,...]
@@ -21,6 +22,7 @@ from timing import best_of, paired_ratios, print_table
 from transformers import CompileConfig
 
 from modeling_llama2 import decoding
+from modeling_llama2.packing import pack_linears
 from modeling_llama2.quantization import quantize_int8
 
 
@@ -76,6 +78,7 @@ def main() -> None:
     new, n = args.new_tokens, 16
 
     ours, ref = build(args.shape)
+    packed = pack_linears(copy.deepcopy(ours))
     int8 = quantize_int8(copy.deepcopy(ours))
     config = ours.config
     gen = torch.Generator().manual_seed(0)
@@ -90,25 +93,28 @@ def main() -> None:
             prompt[batch], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs
         )
 
-    def fast(model, batch: int, compile: bool = True):
-        return lambda: decoding.generate(model, prompt[batch], new, compile=compile)
+    def fast(model, batch: int):
+        return lambda: decoding.generate(model, prompt[batch], new)
 
     workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
         "decode1": ("decode b=1", new, {
             "transformers": hf(1),
             "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
             "ours compiled": fast(ours, 1),
-            "ours int8": fast(int8, 1, compile=False),  # fbgemm's packed weights are opaque to dynamo
+            "ours packed": fast(packed, 1),
+            "ours int8": fast(int8, 1),
         }),
         "decode8": ("decode b=8", 8 * new, {
             "transformers": hf(8),
             "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
             "ours compiled": fast(ours, 8),
-            "ours int8": fast(int8, 8, compile=False),
+            "ours packed": fast(packed, 8),
+            "ours int8": fast(int8, 8),
         }),
         "prefill": ("prefill 1x512", 512, {
             "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
             "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
+            "ours packed": lambda: decoding.prefill(packed, long_prompt, 512 + new),
             "ours int8": lambda: decoding.prefill(int8, long_prompt, 512 + new),
         }),
         "best-of": (f"best-of-{n}, 256 + {new}", n, {
@@ -117,7 +123,8 @@ def main() -> None:
                 top_k=0, pad_token_id=0,
             ),
             "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n, new),
-            "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n, new, compile=False),
+            "ours packed": lambda: decoding.sample_n(packed, bo_prompt, n, new),
+            "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n, new),
         }),
     }
     workloads = {key: workloads[key] for key in args.workloads.split(",")}

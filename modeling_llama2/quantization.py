@@ -8,9 +8,9 @@ measured on this project's 2-core x86 CPU (torch 2.13, fp32 GEMV 32000x768 as 1x
   also rounds the activations to 8 bits per tensor at run time, which the logit-error test bounds.
 - `torch.ops.aten._weight_int8pack_mm`: about 2-30x slower. Dequantize-then-matmul: about 5x slower eager and
   still about 10x slower under `torch.compile`.
-So on a CPU with fbgemm the eager forward uses fbgemm; elsewhere, and inside `torch.compile` (fbgemm's packed
-weights are a TorchScript object dynamo cannot trace), it falls back to `linear(x, int8 -> dtype) * scale`,
-which inductor fuses into one weight-streaming kernel on GPUs.
+So on a CPU with fbgemm the forward calls fbgemm, eagerly or inside `torch.compile` (through `packing`'s custom
+op); elsewhere it computes `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming
+kernel on GPUs.
 """
 
 import os
@@ -22,6 +22,7 @@ from torch import nn
 
 from .configuration_llama2 import Llama2Config
 from .modeling_llama2 import Llama2ForCausalLM
+from .packing import PackedWeight, packed_linear, replace_linears
 
 WEIGHTS_NAME = "model.int8.safetensors"
 
@@ -35,7 +36,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self._packed = None  # fbgemm's prepacked weight, built on first use
+        self._packed: PackedWeight | None = None  # fbgemm's prepacked weight, built on first eager use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -53,10 +54,10 @@ class Int8Linear(nn.Module):
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and "fbgemm" in torch.backends.quantized.supported_engines
-            and not torch.compiler.is_compiling()
+            and (self._packed is not None or not torch.compiler.is_compiling())  # packing is not traceable
         )
 
-    def _fbgemm_weight(self) -> torch.ScriptObject:
+    def _fbgemm_weight(self) -> PackedWeight:
         if self._packed is None:
             zero_points = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm's packing takes one
@@ -65,16 +66,17 @@ class Int8Linear(nn.Module):
                     self.weight, self.weight_scale.double(), zero_points, 0
                 )
             bias = None if self.bias is None else self.bias.detach().float()
-            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            self._packed = PackedWeight(torch.ops.quantized.linear_prepack(qweight, bias))
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_fbgemm(x):
-            # reduce_range=False keeps 8-bit activations (True: 7), which cut the logit error here by 40%; it
-            # relies on VNNI's int32 accumulation, as fbgemm's int16 pair sums can saturate without it.
-            return torch.ops.quantized.linear_dynamic(x, self._fbgemm_weight(), False)
+            return packed_linear(x, self._fbgemm_weight(), self.out_features)
         y = nn.functional.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_packed": None}  # a copy or a pickle packs its own on first use
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._packed = None  # new weights: repack on next use
@@ -84,17 +86,10 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _replace_linears(model: nn.Module, names: set[str] | None, make) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and (names is None or name in names):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, make(module))
-
-
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every `nn.Linear` of `model` (in place) by its int8 `Int8Linear`; embeddings and norms stay."""
-    _replace_linears(model, None, Int8Linear.from_linear)
+    replace_linears(model, Int8Linear.from_linear)
     return model
 
 
@@ -115,8 +110,8 @@ def load_quantized(save_directory: str | os.PathLike, device: str | torch.device
     quantized = {key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")}
     with torch.device(device):
         model = Llama2ForCausalLM(config)
-    _replace_linears(
-        model, quantized, lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None, device=device)
+    replace_linears(
+        model, lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None, device=device), quantized
     )
     model.load_state_dict(state, strict=True)
     return model.eval()
