@@ -35,6 +35,9 @@ def decode_step(model: PreTrainedModel, tokens: torch.Tensor, cache: StaticCache
 
 
 compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+# The step compiles once per model structure, batch size, cache length and temperature; dynamo's default limit of 8
+# graphs per function is soon reached by a process that decodes with several models (fp32, packed, int8).
+MAX_COMPILED_STEPS = 64
 
 
 @torch.no_grad()
@@ -75,14 +78,15 @@ def decode(
     tokens = select_next(logits, temperature)
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
-    for i in range(max_new_tokens):
-        out[:, i] = tokens.masked_fill(finished, pad_token_id)
-        if eos_token_id is not None:
-            finished |= tokens == eos_token_id
-            if i % 16 == 15 and bool(finished.all()):
-                break
-        if i + 1 < max_new_tokens:
-            tokens = step(model, tokens, cache, temperature)
+    with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_STEPS):
+        for i in range(max_new_tokens):
+            out[:, i] = tokens.masked_fill(finished, pad_token_id)
+            if eos_token_id is not None:
+                finished |= tokens == eos_token_id
+                if i % 16 == 15 and bool(finished.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                tokens = step(model, tokens, cache, temperature)
     if eos_token_id is not None and bool(finished.all()):
         out = out[:, : int(_first_eos(out, eos_token_id).max()) + 1]
     return out

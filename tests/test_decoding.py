@@ -108,3 +108,11 @@ def test_best_of_n_returns_the_arg_max_of_the_scores(model):
 def test_sample_n_refuses_a_batch(model):
     with pytest.raises(ValueError, match="one prompt"):
         sample_n(model, prompts(2, 4), n=3, max_new_tokens=2, compile=False)
+
+
+def test_more_compiled_variants_than_dynamos_default_limit(model):
+    # batch sizes x cache lengths: 9 graphs of the one step function, where dynamo's default stops at 8
+    for batch in (1, 2, 3):
+        for max_cache_len in (24, 32, 40):
+            ids = prompts(batch, 5, seed=batch)
+            assert generate(model, ids, max_new_tokens=4, max_cache_len=max_cache_len).shape == (batch, 9)
