@@ -34,7 +34,9 @@ def decode_step(model: PreTrainedModel, tokens: torch.Tensor, cache: StaticCache
     return select_next(logits, temperature)
 
 
-compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+# "reduce-overhead" replays the step as one CUDA graph on a GPU, where launching its hundreds of small kernels one
+# by one took longer than running them (measured: 2.5x slower at 125M, batch 1); it changes nothing on a CPU.
+compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
 # The step compiles once per model structure, batch size, cache length and temperature; dynamo's default limit of 8
 # graphs per function is soon reached by a process that decodes with several models (fp32, packed, int8).
 MAX_COMPILED_STEPS = 64
@@ -86,7 +88,9 @@ def decode(
                 if i % 16 == 15 and bool(finished.all()):
                     break
             if i + 1 < max_new_tokens:
-                tokens = step(model, tokens, cache, temperature)
+                # A CUDA graph's output lives in memory its next replay overwrites: copy the few token ids out.
+                torch.compiler.cudagraph_mark_step_begin()
+                tokens = step(model, tokens, cache, temperature).clone()
     if eos_token_id is not None and bool(finished.all()):
         out = out[:, : int(_first_eos(out, eos_token_id).max()) + 1]
     return out

@@ -1,0 +1,156 @@
+"""The CUDA paths, checked and timed on one GPU in a few minutes (CI has no GPU; run this by hand on one).
+
+    python benchmarks/gpu_check.py [--rounds 5] [--new-tokens 128]
+
+Checks, each printed as a line: parity with transformers' `LlamaForCausalLM` (fp32 logits, bf16 greedy tokens
+with left padding) for every attention implementation the registry offers here; the static cache; the compiled
+`decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the compiled graph). Then
+times bf16 decode on the 125M GQA shape against transformers' default and static + compiled `generate`.
+"""
+
+import argparse
+import copy
+import statistics
+import time
+import traceback
+
+import torch
+import transformers
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM, decoding
+
+SMALL = dict(
+    vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+)
+SHAPE_125M = dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+    num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
+)
+
+
+def pair(kwargs: dict, dtype: torch.dtype, attn: str = "sdpa") -> tuple[Llama2ForCausalLM, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    ours = Llama2ForCausalLM(Llama2Config(**kwargs)).eval()
+    ref = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    ref.load_state_dict(ours.state_dict())
+    ours.set_attn_implementation(attn)
+    ref.set_attn_implementation(attn)
+    return ours.to("cuda", dtype), ref.to("cuda", dtype)
+
+
+def check(name: str, fn) -> None:
+    try:
+        print(f"{name}: {fn()}", flush=True)
+    except Exception as error:  # keep going: one broken path should not hide the others
+        print(f"{name}: FAILED {type(error).__name__}: {error}".splitlines()[0][:400], flush=True)
+        traceback.print_exc(limit=3)
+
+
+def greedy(model, ids, mask, new: int, **kwargs) -> torch.Tensor:
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs
+    )
+
+
+def parity(attn: str) -> str:
+    ours, ref = pair(SMALL, torch.float32, attn)
+    ids = torch.randint(3, 1000, (2, 64), device="cuda")
+    with torch.no_grad():
+        diff = (ours(ids).logits - ref(ids).logits).abs().max().item()
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    same = torch.equal(greedy(ours, ids, mask, 32), greedy(ref, ids, mask, 32))
+    return f"fp32 max abs logit diff {diff:.2e}; bf16 left-padded greedy tokens identical: {same}"
+
+
+def static_cache() -> str:
+    ours, _ = pair(SMALL, torch.bfloat16)
+    ids = torch.randint(3, 1000, (2, 16), device="cuda")
+    mask = torch.ones_like(ids)
+    same = torch.equal(greedy(ours, ids, mask, 32), greedy(ours, ids, mask, 32, cache_implementation="static"))
+    return f"static cache tokens == dynamic cache tokens: {same}"
+
+
+def compiled_decoding() -> str:
+    ours, _ = pair(SMALL, torch.float32)
+    ids = torch.randint(3, 1000, (4, 16), device="cuda")
+    same = torch.equal(decoding.generate(ours, ids, 48), greedy(ours, ids, torch.ones_like(ids), 48))
+    samples = decoding.sample_n(ours, ids[:1], 16, 32, temperature=1.0)
+    return f"fp32 compiled greedy == generate: {same}; sample_n gave {samples.unique(dim=0).shape[0]}/16 distinct"
+
+
+def int8() -> str:
+    from modeling_llama2.quantization import quantize_int8
+
+    ours, _ = pair(SMALL, torch.float32)
+    quantized = quantize_int8(copy.deepcopy(ours))
+    ids = torch.randint(3, 1000, (2, 32), device="cuda")
+    with torch.no_grad():
+        ref, out = ours(ids).logits, quantized(ids).logits
+    eager = decoding.generate(quantized, ids[:, :16], 32, compile=False)
+    compiled = decoding.generate(quantized, ids[:, :16], 32)
+    return f"int8 logit rel L2 error {((out - ref).norm() / ref.norm()).item():.4f}; compiled tokens == eager: {torch.equal(eager, compiled)}"
+
+
+def timed(fn, rounds: int) -> float:
+    fn()  # warm-up and compile
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def speed(rounds: int, new: int) -> None:
+    ours, ref = pair(SHAPE_125M, torch.bfloat16)
+    compiled = CompileConfig(fullgraph=True)
+    print(f"\n125M GQA, bf16, {new} new tokens after a 16-token prompt, median of {rounds}; {torch.cuda.get_device_name()}")
+    print("| batch | variant | tok/s | vs transformers |\n| ---: | --- | ---: | ---: |")
+    for batch in (1, 8):
+        ids = torch.randint(3, 32000, (batch, 16), device="cuda")
+        mask = torch.ones_like(ids)
+        variants = {
+            "transformers generate": lambda: greedy(ref, ids, mask, new, min_new_tokens=new),
+            "transformers static + compiled": lambda: greedy(
+                ref, ids, mask, new, min_new_tokens=new, cache_implementation="static", compile_config=compiled
+            ),
+            "ours decoding.generate": lambda: decoding.generate(ours, ids, new, max_cache_len=16 + new),
+        }
+        base = None
+        for name, fn in variants.items():
+            try:
+                seconds = timed(fn, rounds)
+            except Exception as error:
+                print(f"| {batch} | {name} | FAILED {type(error).__name__}: {str(error)[:200]} | |", flush=True)
+                continue
+            base = base or seconds
+            print(f"| {batch} | {name} | {batch * new / seconds:.0f} | {base / seconds:.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--only", default="parity,static,decoding,int8,speed", help="comma-separated subset")
+    args = parser.parse_args()
+    only = args.only.split(",")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name()}")
+    if "parity" in only:
+        for attn in ("eager", "sdpa", "flex_attention", "flash_attention_2"):
+            check(f"parity {attn}", lambda: parity(attn))
+    for name, fn in [("static", static_cache), ("decoding", compiled_decoding), ("int8", int8)]:
+        if name in only:
+            check(name, fn)
+    if "speed" in only:
+        speed(args.rounds, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
