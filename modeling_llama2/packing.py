@@ -85,6 +85,13 @@ class PackedLinear(nn.Module):
         y = packed_linear(x, self.weight_packed, self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # Without this the saved checkpoint would silently lack the weight.
+        raise RuntimeError(
+            f"`{prefix}weight` exists only prepacked for oneDNN and cannot be saved: save the model before "
+            "`pack_linears`, or reload it from its checkpoint."
+        )
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 

@@ -38,7 +38,13 @@ def test_only_weights_of_the_minimum_size_are_packed(model):
     kinds = {name: type(m).__name__ for name, m in packed.named_modules() if "proj" in name or name == "lm_head"}
     assert kinds["lm_head"] == "PackedLinear" and kinds["model.layers.0.mlp.down_proj"] == "PackedLinear"
     assert kinds["model.layers.0.self_attn.q_proj"] == "Linear" and kinds["model.layers.1.self_attn.k_proj"] == "Linear"
-    assert "lm_head.weight" not in packed.state_dict()  # the fp32 copy is gone, not duplicated
+    assert not hasattr(packed.lm_head, "weight")  # the fp32 copy is gone, not duplicated
+
+
+def test_saving_a_packed_model_is_refused_rather_than_missing_weights(model, tmp_path):
+    packed = pack_linears(copy.deepcopy(model), min_elements=8192)
+    with pytest.raises(RuntimeError, match="save the model before `pack_linears`"):
+        packed.save_pretrained(tmp_path)
 
 
 def test_packed_model_logits_and_compiled_greedy_tokens_match(model):
