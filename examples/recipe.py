@@ -11,7 +11,9 @@
 4. trains a helpfulness reward model on preference pairs, right answer over one of the SFT model's own wrong
    samples, whose rating margin grows with how wrong it is (`run_reward_model`);
 5. samples N = 1..16 answers per new prompt, keeps the reward model's favourite of 16 and fine-tunes the SFT model
-   on those (`rejection_sample`, then `run_sft`); no reference answer is used in this stage;
+   on those (`rejection_sample`, then `run_sft`); no reference answer is used in this stage. A control fine-tunes
+   the SFT model the same way on one random sample per prompt, so that the table separates what the reward model's
+   choice adds from what training on the model's own samples does;
 6. chats with the result through `pipeline("text-generation")`.
 
 After each stage it measures greedy exact-answer accuracy on held-out problems asked in the chat format; once the
@@ -111,6 +113,7 @@ ARTEFACTS = {
     "reward model": "reward_model",
     "best-of-16 samples and rewards": "rejection_sampling_data.jsonl",
     "rejection-sampling fine-tuned model": "rejection_sampling",
+    "control: fine-tuned on random samples": "random_sample_control",
     "max-vs-median reward plot": "max_vs_median_reward.png",
     "metrics": "metrics.json",
 }
@@ -287,6 +290,13 @@ def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
     return curve
 
 
+def random_sample(record: dict) -> dict:
+    """The control's SFT record: the prompt with the first of its samples instead of the reward model's favourite."""
+    first = record["samples"][0]
+    return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": first["response"]}],
+            "reward": first["reward"]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/recipe"))
@@ -358,14 +368,20 @@ def main() -> None:
     print_curve(curve)
     del policy
     gc.collect()
-    run_sft(
-        ModelArguments(model=str(out / "sft")),
-        SFTArguments(train_file=str(out / "rejection_sampling_data.jsonl"), max_length=CONTEXT),
-        trainer_args(out / "rejection_sampling", sizes.rs_epochs, sizes.rs_lr, batch=8, seed=args.seed),
-    )
+    # The control keeps the first sample of each prompt: samples are i.i.d., so that is a random one.
+    write_jsonl(str(out / "data/random_samples.jsonl"), [random_sample(record) for record in records])
+    for name, data, model_dir in [
+        ("rejection sampling", out / "rejection_sampling_data.jsonl", out / "rejection_sampling"),
+        ("control: random", out / "data/random_samples.jsonl", out / "random_sample_control"),
+    ]:
+        run_sft(
+            ModelArguments(model=str(out / "sft")),
+            SFTArguments(train_file=str(data), max_length=CONTEXT),
+            trainer_args(model_dir, sizes.rs_epochs, sizes.rs_lr, batch=8, seed=args.seed),
+        )
+        results[name] = evaluate(model_dir, problems["eval"], eval_prompts)
+        report(name, results[name])
     stage_seconds["rejection_sampling"] = time.perf_counter() - t
-    results["rejection sampling"] = evaluate(out / "rejection_sampling", problems["eval"], eval_prompts)
-    report("rejection sampling", results["rejection sampling"])
 
     for result in results.values():
         result["mean_reward"] = mean_reward(reward_model, tokenizer, eval_prompts, result["answers"])

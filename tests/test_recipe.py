@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipe.py"
-STAGES = ("pretrained", "sft", "rejection sampling")
+STAGES = ("pretrained", "sft", "rejection sampling", "control: random")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_meta_format_files_exist(run):
     assert json.loads((meta / "params.json").read_text())["n_kv_heads"] == 2  # grouped-query attention
 
 
-@pytest.mark.parametrize("stage", ["pretrained", "base", "sft", "rejection_sampling"])
+@pytest.mark.parametrize("stage", ["pretrained", "base", "sft", "rejection_sampling", "random_sample_control"])
 def test_models_load_with_auto_classes(run, stage):
     model = AutoModelForCausalLM.from_pretrained(run / stage)
     assert model.config.num_key_value_heads < model.config.num_attention_heads
@@ -78,3 +78,6 @@ def test_data_plot_and_rejection_sampling_data(run):
     records = [json.loads(line) for line in (run / "rejection_sampling_data.jsonl").read_text().splitlines()]
     assert records and all(len(record["samples"]) == 16 for record in records)
     assert all(record["messages"][-1]["role"] == "assistant" for record in records)
+    control = [json.loads(line) for line in (run / "data" / "random_samples.jsonl").read_text().splitlines()]
+    assert [c["messages"][-1]["content"] for c in control] == [r["samples"][0]["response"] for r in records]
+    assert [c["messages"][:-1] for c in control] == [r["messages"][:-1] for r in records]
