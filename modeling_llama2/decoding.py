@@ -17,27 +17,34 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 
-def select_next(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Next token ids of shape (batch,) from last-position logits: arg-max at temperature 0, else a sample.
+def select_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Next token ids of shape (batch,) from last-position logits: arg-max at temperature 0, else a sample from
+    the smallest set of most likely tokens whose probabilities reach `top_p` (nucleus sampling; 1: all).
 
     The sample is arg-max(p / E) with E ~ Exp(1), which draws from p like `torch.multinomial` but without a
     device-to-host sync, so it stays inside the compiled graph."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the tokens before already reach top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
-def decode_step(model: PreTrainedModel, tokens: torch.Tensor, cache: StaticCache, temperature: float) -> torch.Tensor:
+def decode_step(
+    model: PreTrainedModel, tokens: torch.Tensor, cache: StaticCache, temperature: float, top_p: float = 1.0
+) -> torch.Tensor:
     """One decode step: feed `tokens` (batch,) at the cache's current position, return the next ones."""
     logits = model(input_ids=tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
-    return select_next(logits, temperature)
+    return select_next(logits, temperature, top_p)
 
 
 # "reduce-overhead" replays the step as one CUDA graph on a GPU, where launching its hundreds of small kernels one
 # by one took longer than running them (measured: 2.5x slower at 125M, batch 1); it changes nothing on a CPU.
 compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-# The step compiles once per model structure, batch size, cache length and temperature; dynamo's default limit of 8
+# The step compiles once per model structure, batch size, cache length, temperature and top-p; dynamo's default limit of 8
 # graphs per function is soon reached by a process that decodes with several models (fp32, packed, int8).
 MAX_COMPILED_STEPS = 64
 
@@ -72,12 +79,13 @@ def decode(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     compile: bool = True,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Generate `max_new_tokens` (batch, new) after a prefill. Rows that produced `eos_token_id` continue with
     `pad_token_id`; decoding stops early once all rows have, checking every 16 tokens to avoid a host sync per
     step. The result then ends where `generate` would have stopped."""
     step = compiled_decode_step if compile else decode_step
-    tokens = select_next(logits, temperature)
+    tokens = select_next(logits, temperature, top_p)
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_STEPS):
@@ -90,7 +98,7 @@ def decode(
             if i + 1 < max_new_tokens:
                 # A CUDA graph's output lives in memory its next replay overwrites: copy the few token ids out.
                 torch.compiler.cudagraph_mark_step_begin()
-                tokens = step(model, tokens, cache, temperature).clone()
+                tokens = step(model, tokens, cache, temperature, top_p).clone()
     if eos_token_id is not None and bool(finished.all()):
         out = out[:, : int(_first_eos(out, eos_token_id).max()) + 1]
     return out
@@ -133,6 +141,7 @@ def sample_n(
     pad_token_id: int = 0,
     max_cache_len: int | None = None,
     compile: bool = True,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """`n` continuations of one prompt (1, length), as (n, length + new): the prompt is prefilled once and its
     keys and values are copied to the `n` rows of the cache."""
@@ -140,7 +149,9 @@ def sample_n(
         raise ValueError(f"`sample_n` takes one prompt, got a batch of {input_ids.shape[0]}.")
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
     logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
-    new = decode(model, logits.expand(n, -1), cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile)
+    new = decode(
+        model, logits.expand(n, -1), cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile, top_p
+    )
     return torch.cat([input_ids.expand(n, -1), new], dim=1)
 
 

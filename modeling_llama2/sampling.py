@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import decoding
 from .chat_format import encode_dialog, tokenizer_encoder
 from .reward import combined_reward, encode_response, prompt_messages, score
 from .training import read_jsonl
@@ -27,6 +28,9 @@ class SamplingArguments:
     max_length: int = field(default=4096, metadata={"help": "Tokens per sample for --finetune."})
 
 
+CACHE_BUCKET = 256  # static caches are sized in steps of this, so prompts of similar length share one compiled step
+
+
 @torch.no_grad()
 def sample_responses(
     model: PreTrainedModel,
@@ -36,34 +40,21 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     pad_token_id: int = 0,
+    compile: bool = True,
 ) -> list[list[int]]:
-    """Token ids of `n` responses to one prompt (cut before the EOS).
-
-    The prompt is prefilled once, all but its last token, and the KV cache repeated to `n` rows; `generate` then feeds
-    the last token of each row and samples on, so the prompt costs one forward pass rather than `n`.
-    """
-    if len(prompt_ids) < 2:
-        raise ValueError("A prompt needs at least two tokens (BOS and one more).")
-    prompt = torch.tensor([prompt_ids], device=model.device)
-    cache = model(input_ids=prompt[:, :-1], use_cache=True).cache
-    cache.batch_repeat_interleave(n)
-    rows = prompt.expand(n, -1)
-    if temperature > 0:
-        decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    else:
-        decoding = {"do_sample": False}
-    output = model.generate(
-        rows,
-        attention_mask=torch.ones_like(rows),
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_token_id,
-        **decoding,
-    )
+    """Token ids of `n` responses to one prompt (cut before the EOS), from `decoding.sample_n`: the prompt is
+    prefilled once for all `n` rows, and each token comes from one compiled static-cache step."""
+    if not prompt_ids:
+        raise ValueError("A prompt needs at least one token (BOS).")
     eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos if isinstance(eos, list) else [eos]
+    length = len(prompt_ids) + max_new_tokens
+    samples = decoding.sample_n(
+        model, torch.tensor([prompt_ids], device=model.device), n, max_new_tokens, temperature, eos[0], pad_token_id,
+        max_cache_len=-(-length // CACHE_BUCKET) * CACHE_BUCKET, compile=compile, top_p=top_p,
+    )  # fmt: skip
     responses = []
-    for row in output[:, len(prompt_ids) :].tolist():
+    for row in samples[:, len(prompt_ids) :].tolist():
         end = next((i for i, token in enumerate(row) if token in eos), len(row))
         responses.append(row[:end])
     return responses

@@ -93,6 +93,14 @@ def test_sampled_tokens_follow_the_softmax():
     torch.testing.assert_close(counts, torch.softmax(logits[0] / 0.5, -1), atol=0.015, rtol=0)
 
 
+def test_top_p_samples_only_the_nucleus_in_proportion():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, -1)
+    torch.manual_seed(0)
+    tokens = select_next(logits, temperature=1.0, top_p=0.7)  # 0.5 + 0.3 reach 0.7: tokens 2 and 3 are cut
+    assert set(tokens.tolist()) == {0, 1}
+    assert abs((tokens == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+
+
 def test_best_of_n_returns_the_arg_max_of_the_scores(model):
     ids = prompts(1, 8)
     score = lambda seqs: seqs[:, 8:].float().mean(-1)  # any per-sequence score
