@@ -82,9 +82,11 @@ def decode(
     top_p: float = 1.0,
 ) -> torch.Tensor:
     """Generate `max_new_tokens` (batch, new) after a prefill. Rows that produced `eos_token_id` continue with
-    `pad_token_id`; decoding stops early once all rows have, checking every 16 tokens to avoid a host sync per
-    step. The result then ends where `generate` would have stopped."""
+    `pad_token_id`; decoding stops early once all rows have. On an accelerator that is checked every 16 tokens,
+    as each check waits for the device; on a CPU after every token. The result ends where `generate` would have
+    stopped."""
     step = compiled_decode_step if compile else decode_step
+    check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
@@ -93,7 +95,7 @@ def decode(
             out[:, i] = tokens.masked_fill(finished, pad_token_id)
             if eos_token_id is not None:
                 finished |= tokens == eos_token_id
-                if i % 16 == 15 and bool(finished.all()):
+                if i % check_every == check_every - 1 and bool(finished.all()):
                     break
             if i + 1 < max_new_tokens:
                 # A CUDA graph's output lives in memory its next replay overwrites: copy the few token ids out.

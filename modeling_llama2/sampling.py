@@ -24,6 +24,10 @@ class SamplingArguments:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
     max_new_tokens: int = field(default=512, metadata={"help": "Longest response sampled."})
+    compile: bool = field(
+        default=True,
+        metadata={"help": "Decode through the compiled step; eager can be faster for tiny models on a CPU."},
+    )
     finetune: bool = field(default=False, metadata={"help": "Fine-tune the policy on the best responses right away."})
     max_length: int = field(default=4096, metadata={"help": "Tokens per sample for --finetune."})
 
@@ -98,7 +102,7 @@ def rejection_sample(
             )
         sampled = sample_responses(
             policy, prompt_ids, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
-            tokenizer.pad_token_id,
+            tokenizer.pad_token_id, args.compile,
         )  # fmt: skip
         responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
         rows = [encode_response(tokenizer, prompt["messages"], response)[0] for response in responses]

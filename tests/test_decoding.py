@@ -57,6 +57,18 @@ def test_eos_pads_finished_rows_and_stops_like_generate(model):
     assert (out[0, 6 + 4 :] == 0).all()
 
 
+def test_on_cpu_decoding_stops_at_the_step_that_finishes_the_last_row(model):
+    ids = prompts(1, 6, seed=2)
+    eos = int(reference(model, ids, 8)[0, 6 + 2])  # the third new token
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        out = generate(model, ids, max_new_tokens=40, eos_token_id=eos, compile=False)
+    finally:
+        hook.remove()
+    assert out.shape == (1, 6 + 3) and len(calls) == 1 + 2  # the prefill and two steps, not 39
+
+
 def test_shared_prefix_cache_equals_prefilling_every_row(model):
     ids = prompts(1, 11)
     logits, shared = prefill(model, ids, max_cache_len=32, batch_size=4)
