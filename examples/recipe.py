@@ -1,6 +1,6 @@
 """The Llama 2 recipe in miniature, end to end, on a built-in task (sorting digits): minutes on 2 cores, no downloads.
 
-    python examples/recipe.py [--output-dir runs/recipe] [--quick] [--seed 0]
+    python examples/recipe.py [--output-dir runs/recipe] [--quick] [--seed 0] [--finetune-best-of 16]
 
 1. trains a sentencepiece tokenizer and pretrains a tiny Llama 2 (grouped-query attention) on raw text
    (`51706749=01456779`), briefly, so that it sorts well but not perfectly and the later stages have room to improve;
@@ -10,10 +10,10 @@
    only (`run_sft`);
 4. trains a helpfulness reward model on preference pairs, right answer over one of the SFT model's own wrong
    samples, whose rating margin grows with how wrong it is (`run_reward_model`);
-5. samples N = 1..16 answers per new prompt, keeps the reward model's favourite of 16 and fine-tunes the SFT model
-   on those (`rejection_sample`, then `run_sft`); no reference answer is used in this stage. A control fine-tunes
-   the SFT model the same way on one random sample per prompt, so that the table separates what the reward model's
-   choice adds from what training on the model's own samples does;
+5. samples N = 1..16 answers per new prompt, keeps the reward model's favourite (of 16, or of the first
+   `--finetune-best-of`) and fine-tunes the SFT model on those (`rejection_sample`, then `run_sft`); no reference
+   answer is used in this stage. A control fine-tunes the SFT model the same way on one random sample per prompt,
+   so that the table separates what the reward model's choice adds from what training on own samples does;
 6. chats with the result through `pipeline("text-generation")`.
 
 After each stage it measures greedy exact-answer accuracy on held-out problems asked in the chat format; once the
@@ -295,11 +295,12 @@ def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
     return curve
 
 
-def random_sample(record: dict) -> dict:
-    """The control's SFT record: the prompt with the first of its samples instead of the reward model's favourite."""
-    first = record["samples"][0]
-    return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": first["response"]}],
-            "reward": first["reward"]}  # fmt: skip
+def favourite_of_first(record: dict, k: int) -> dict:
+    """An SFT record: the prompt with the reward model's favourite among its first `k` samples. Samples are i.i.d.,
+    so these stand for best-of-k sampling, and k = 1 is a random sample (the control)."""
+    best = max(record["samples"][:k], key=lambda sample: sample["reward"])
+    return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": best["response"]}],
+            "reward": best["reward"]}  # fmt: skip
 
 
 def main() -> None:
@@ -307,6 +308,9 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/recipe"))
     parser.add_argument("--quick", action="store_true", help="Small sizes: the same path in about a minute (CI).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--finetune-best-of", type=int, default=max(NS), choices=NS, help="Fine-tune on the favourite of this many."
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     # The tiny model's kernels are too small for intra-op threads to pay off: one thread is about as fast on an idle
@@ -373,12 +377,12 @@ def main() -> None:
     print_curve(curve)
     del policy
     gc.collect()
-    # The control keeps the first sample of each prompt: samples are i.i.d., so that is a random one.
-    write_jsonl(str(out / "data/random_samples.jsonl"), [random_sample(record) for record in records])
-    for name, data, model_dir in [
-        ("rejection sampling", out / "rejection_sampling_data.jsonl", out / "rejection_sampling"),
-        ("control: random", out / "data/random_samples.jsonl", out / "random_sample_control"),
+    for name, k, model_dir in [
+        ("rejection sampling", args.finetune_best_of, out / "rejection_sampling"),
+        ("control: random", 1, out / "random_sample_control"),
     ]:
+        data = out / f"data/best_of_{k}.jsonl"
+        write_jsonl(str(data), [favourite_of_first(record, k) for record in records])
         run_sft(
             ModelArguments(model=str(out / "sft")),
             SFTArguments(train_file=str(data), max_length=CONTEXT),

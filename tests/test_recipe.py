@@ -78,6 +78,9 @@ def test_data_plot_and_rejection_sampling_data(run):
     records = [json.loads(line) for line in (run / "rejection_sampling_data.jsonl").read_text().splitlines()]
     assert records and all(len(record["samples"]) == 16 for record in records)
     assert all(record["messages"][-1]["role"] == "assistant" for record in records)
-    control = [json.loads(line) for line in (run / "data" / "random_samples.jsonl").read_text().splitlines()]
-    assert [c["messages"][-1]["content"] for c in control] == [r["samples"][0]["response"] for r in records]
-    assert [c["messages"][:-1] for c in control] == [r["messages"][:-1] for r in records]
+    for k in (1, 16):  # the control's random (first) sample, and the fine-tuning set: the favourite of 16
+        rows = [json.loads(line) for line in (run / "data" / f"best_of_{k}.jsonl").read_text().splitlines()]
+        best = [max(r["samples"][:k], key=lambda s: s["reward"])["response"] for r in records]
+        assert [row["messages"][-1]["content"] for row in rows] == best
+        assert [row["messages"][:-1] for row in rows] == [r["messages"][:-1] for r in records]
+    assert [r["messages"][-1]["content"] for r in records] == best  # rejection_sample keeps the favourite of all
