@@ -53,9 +53,11 @@ def sample_responses(
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     length = len(prompt_ids) + max_new_tokens
+    if compile:  # one compiled step per bucket; eager steps attend over fewer empty slots without one
+        length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
     samples = decoding.sample_n(
         model, torch.tensor([prompt_ids], device=model.device), n, max_new_tokens, temperature, eos[0], pad_token_id,
-        max_cache_len=-(-length // CACHE_BUCKET) * CACHE_BUCKET, compile=compile, top_p=top_p,
+        max_cache_len=length, compile=compile, top_p=top_p,
     )  # fmt: skip
     responses = []
     for row in samples[:, len(prompt_ids) :].tolist():
