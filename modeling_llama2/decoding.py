@@ -44,8 +44,17 @@ def decode_step(
 # "reduce-overhead" replays the step as one CUDA graph on a GPU, where launching its hundreds of small kernels one
 # by one took longer than running them (measured: 2.5x slower at 125M, batch 1); it changes nothing on a CPU.
 compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-# The step compiles once per model structure, batch size, cache length, temperature and top-p; dynamo's default limit of 8
-# graphs per function is soon reached by a process that decodes with several models (fp32, packed, int8).
+
+
+def _compiled_step(*args) -> torch.Tensor:
+    """`compiled_decode_step`, its token ids copied out: a CUDA graph's output lives in memory that its next replay
+    overwrites."""
+    torch.compiler.cudagraph_mark_step_begin()
+    return compiled_decode_step(*args).clone()
+
+
+# The step compiles once per model structure, batch size, cache length, temperature and top-p; dynamo's default
+# limit of 8 graphs per function is soon reached by a process that decodes with several models (fp32, packed, int8).
 MAX_COMPILED_STEPS = 64
 
 
@@ -85,7 +94,7 @@ def decode(
     `pad_token_id`; decoding stops early once all rows have. On an accelerator that is checked every 16 tokens,
     as each check waits for the device; on a CPU after every token. The result ends where `generate` would have
     stopped."""
-    step = compiled_decode_step if compile else decode_step
+    step = _compiled_step if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
@@ -98,9 +107,7 @@ def decode(
                 if i % check_every == check_every - 1 and bool(finished.all()):
                     break
             if i + 1 < max_new_tokens:
-                # A CUDA graph's output lives in memory its next replay overwrites: copy the few token ids out.
-                torch.compiler.cudagraph_mark_step_begin()
-                tokens = step(model, tokens, cache, temperature, top_p).clone()
+                tokens = step(model, tokens, cache, temperature, top_p)
     if eos_token_id is not None and bool(finished.all()):
         out = out[:, : int(_first_eos(out, eos_token_id).max()) + 1]
     return out
