@@ -47,7 +47,8 @@ def sample_responses(
     compile: bool = True,
 ) -> list[list[int]]:
     """Token ids of `n` responses to one prompt (cut before the EOS), from `decoding.sample_n`: the prompt is
-    prefilled once for all `n` rows, and each token comes from one compiled static-cache step."""
+    prefilled once for all `n` rows, then every token comes from one static-cache step (compiled unless `compile`
+    is false). Decoding stops early on the first of several EOS ids; the others are cut here."""
     if not prompt_ids:
         raise ValueError("A prompt needs at least one token (BOS).")
     eos = model.generation_config.eos_token_id
