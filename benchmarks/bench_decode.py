@@ -1,5 +1,5 @@
-"""Inference speed of `modeling_llama2.decoding` (static cache, compiled step; weights as they are, prepacked for
-oneDNN by `packing.pack_linears`, or int8 through fbgemm) against
+"""Inference speed of `modeling_llama2.decoding` (static cache, compiled step; fp32 weights through `nn.Linear` or
+`cpu_kernels.use_cpu_kernels`'s kernels, or int8 weights) against
 transformers' `LlamaForCausalLM` of the same shape and weights, in one process.
 
     python benchmarks/bench_decode.py [--shape 15m|125m] [--rounds 9] [--new-tokens 128] [--workloads decode1,...]
@@ -22,7 +22,7 @@ from timing import best_of, paired_ratios, print_table
 from transformers import CompileConfig
 
 from modeling_llama2 import decoding
-from modeling_llama2.packing import pack_linears
+from modeling_llama2.cpu_kernels import use_cpu_kernels
 from modeling_llama2.quantization import quantize_int8
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     new, n = args.new_tokens, 16
 
     ours, ref = build(args.shape)
-    packed = pack_linears(copy.deepcopy(ours))
+    kernels = use_cpu_kernels(copy.deepcopy(ours))
     int8 = quantize_int8(copy.deepcopy(ours))
     config = ours.config
     gen = torch.Generator().manual_seed(0)
@@ -101,20 +101,20 @@ def main() -> None:
             "transformers": hf(1),
             "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
             "ours compiled": fast(ours, 1),
-            "ours packed": fast(packed, 1),
+            "ours cpu kernels": fast(kernels, 1),
             "ours int8": fast(int8, 1),
         }),
         "decode8": ("decode b=8", 8 * new, {
             "transformers": hf(8),
             "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
             "ours compiled": fast(ours, 8),
-            "ours packed": fast(packed, 8),
+            "ours cpu kernels": fast(kernels, 8),
             "ours int8": fast(int8, 8),
         }),
         "prefill": ("prefill 1x512", 512, {
             "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
             "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
-            "ours packed": lambda: decoding.prefill(packed, long_prompt, 512 + new),
+            "ours cpu kernels": lambda: decoding.prefill(kernels, long_prompt, 512 + new),
             "ours int8": lambda: decoding.prefill(int8, long_prompt, 512 + new),
         }),
         "best-of": (f"best-of-{n}, 256 + {new}", n, {
@@ -123,7 +123,7 @@ def main() -> None:
                 top_k=0, pad_token_id=0,
             ),
             "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n, new),
-            "ours packed": lambda: decoding.sample_n(packed, bo_prompt, n, new),
+            "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n, new),
             "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n, new),
         }),
     }

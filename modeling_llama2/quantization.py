@@ -8,9 +8,10 @@ measured on this project's 2-core x86 CPU (torch 2.13, fp32 GEMV 32000x768 as 1x
   also rounds the activations to 8 bits per tensor at run time, which the logit-error test bounds.
 - `torch.ops.aten._weight_int8pack_mm`: about 2-30x slower. Dequantize-then-matmul: about 5x slower eager and
   still about 10x slower under `torch.compile`.
-So on a CPU with fbgemm the forward calls fbgemm, eagerly or inside `torch.compile` (through `packing`'s custom
-op); elsewhere it computes `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming
-kernel on GPUs.
+So on a CPU, inside `torch.compile` and for a few rows (decoding), the product is `cpu_kernels.reduction_linear`,
+one compiled loop that reads the int8 weight and converts it as it goes; for more rows, or eagerly, fbgemm is
+called (through `cpu_kernels`' custom op); elsewhere it computes `linear(x, int8 -> dtype) * scale`, which
+inductor fuses into one weight-streaming kernel on GPUs.
 """
 
 import os
@@ -22,7 +23,7 @@ from torch import nn
 
 from .configuration_llama2 import Llama2Config
 from .modeling_llama2 import Llama2ForCausalLM
-from .packing import PackedWeight, packed_linear, replace_linears
+from .cpu_kernels import MAX_REDUCTION_ROWS, PackedWeight, fbgemm_int8_linear, reduction_linear, replace_linears, rows_of
 
 WEIGHTS_NAME = "model.int8.safetensors"
 
@@ -70,9 +71,12 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fbgemm(x):
-            return packed_linear(x, self._fbgemm_weight(), self.out_features)
-        y = nn.functional.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        if x.device.type == "cpu" and torch.compiler.is_compiling() and rows_of(x) <= MAX_REDUCTION_ROWS:
+            y = reduction_linear(x, self.weight) * self.weight_scale.to(x.dtype)
+        elif self._use_fbgemm(x):
+            return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
+        else:
+            y = nn.functional.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def __getstate__(self) -> dict:

@@ -1,0 +1,132 @@
+"""Linear layers for fast inference on the CPU: each product goes to the kernel that is fastest for its number of
+rows, also inside `torch.compile`.
+
+Decoding multiplies a few rows of activations by every weight, so a step's speed is the speed at which weights
+are read. On this project's 2-core x86 CPU (torch 2.13, fp32) MKL's GEMV reads a row-major `nn.Linear` weight at
+about 7 GB/s; two other kernels read it at 15-35 GB/s (us per call, weights cycled through 96 MB so that they
+come from memory, as in a decode step):
+
+| weight (out x in) | rows | `F.linear` (MKL) | oneDNN | inductor reduction |
+| --- | ---: | ---: | ---: | ---: |
+| 768 x 288 | 1 | 108 | 160 | 58 |
+| 2048 x 768 | 1 | 534 | 416 | 292 |
+| 32000 x 288 (LM head) | 1 | 4363 | 2266 | 1041 |
+| 32000 x 288 | 8 | 7286 | 3125 | 1956 |
+
+- Inside a compiled graph, for up to `MAX_REDUCTION_ROWS` rows, the product is written as a multiply and a sum
+  (`(W[:, None, :] * x).sum(-1)`): inductor turns it into one vectorized loop over the weight's rows, split
+  across threads and fused with the elementwise work around it, with no library call at all.
+- Otherwise oneDNN's linear for weights of at least `MIN_ONEDNN_ELEMENTS` (it pays about 20 us per call), and
+  MKL for the small ones and for prefill.
+
+oneDNN's linear, and fbgemm's int8 linear for `quantization.Int8Linear`, reach a compiled graph as custom ops;
+fbgemm's prepacked weight (a TorchScript object) travels into its op as an opaque object.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._library.opaque_object import register_opaque_type
+from torch._opaque_base import OpaqueBase
+
+MIN_ONEDNN_ELEMENTS = 2**19  # 768 x 768 and larger: below this oneDNN's per-call cost outweighs its faster GEMV
+MAX_REDUCTION_ROWS = 1
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ W^T` as a multiply and a sum, for inductor to compile into one GEMV loop; `weight` may be int8 (the
+    loop converts each value as it reads it). Weight rows are the outer loop, so each is read once for all
+    the rows of `x`. Only for a few rows inside `torch.compile`: eagerly it would build the (out, rows, in)
+    product."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = (weight.unsqueeze(1) * rows).sum(-1, dtype=x.dtype)
+    return y.t().reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("modeling_llama2::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ W^T` through oneDNN (as fast on the plain row-major weight as on its prepacked layout)."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class PackedWeight(OpaqueBase):
+    """A linear weight in a kernel's own layout (fbgemm's int8 pack). It is never written after packing, so
+    copies of a module share it."""
+
+    def __init__(self, packed: torch.ScriptObject) -> None:
+        self.packed = packed
+
+    def __deepcopy__(self, memo: dict) -> "PackedWeight":
+        return self
+
+    def __reduce__(self):
+        # Inductor's graph cache pickles a graph's inputs into its key; the weight is an input, so its kind is
+        # all the key needs. A pickled module packs its weight again on first use.
+        return _unpickle_packed_weight, (type(self.packed).__name__,)
+
+
+def _unpickle_packed_weight(kind: str) -> None:
+    raise RuntimeError(f"A packed linear weight ({kind}) cannot be restored from a pickle: pack it again.")
+
+
+register_opaque_type(PackedWeight, typ="reference")
+
+
+@torch.library.custom_op("modeling_llama2::fbgemm_int8_linear", mutates_args=())
+def fbgemm_int8_linear(x: torch.Tensor, weight: PackedWeight, out_features: int) -> torch.Tensor:
+    """`x @ W^T + b` for an fbgemm int8 pack of `W` and `b`."""
+    # reduce_range=False keeps 8-bit activations (True: 7), which cut the logit error here by 40%; it relies on
+    # VNNI's int32 accumulation, as fbgemm's int16 pair sums can saturate without it.
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), weight.packed, False)
+    return y.view(*x.shape[:-1], out_features)
+
+
+@fbgemm_int8_linear.register_fake
+def _(x: torch.Tensor, weight: PackedWeight, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class CPULinear(nn.Linear):
+    """Inference-only `nn.Linear` (fp32, CPU) that picks its kernel by the number of rows (see the module's
+    docstring). Same parameters and state dict as the `nn.Linear` it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and rows_of(x) <= MAX_REDUCTION_ROWS:
+            y = reduction_linear(x, self.weight)
+        elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS:
+            y = onednn_linear(x, self.weight)
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias
+
+
+def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> None:
+    """Replace (in place) each `nn.Linear` of `model`, or those named in `names`, by `make(linear)`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and (names is None or name in names):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(module))
+
+
+@torch.no_grad()
+def use_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Make (in place) every fp32 CPU `nn.Linear` of `model` a `CPULinear`, for fast inference on the CPU
+    (`decoding.generate`, prefill, `generate`). The weights stay where they are, untrainable: the model saves and
+    copies as before."""
+    if not torch.backends.mkldnn.is_available():
+        raise RuntimeError("`use_cpu_kernels` needs a torch built with oneDNN (mkldnn); this one has none.")
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+            module.__class__ = CPULinear
+            module.requires_grad_(False)
+    return model

@@ -1,0 +1,100 @@
+"""CPU kernels for inference: each `CPULinear` path (MKL, oneDNN, the compiled reduction) computes the linear, the
+model keeps its parameters (saves, loads, copies), and the compiled decode step with fp32 or int8 weights runs
+without a graph break and agrees with the eager model."""
+
+import copy
+
+import pytest
+import torch
+
+from modeling_llama2 import Llama2ForCausalLM, cpu_kernels
+from modeling_llama2.cpu_kernels import CPULinear, onednn_linear, reduction_linear, use_cpu_kernels
+from modeling_llama2.decoding import generate
+from modeling_llama2.quantization import Int8Linear, quantize_int8
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("shape", [(5, 48), (2, 3, 48), (1, 1, 48)])
+def test_each_kernel_computes_the_linear(shape):
+    torch.manual_seed(0)
+    weight, x = torch.randn(80, 48), torch.randn(*shape)
+    expected = x @ weight.T
+    torch.testing.assert_close(onednn_linear(x, weight), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.compile(reduction_linear)(x, weight), expected, atol=1e-5, rtol=1e-5)
+    int8 = torch.randint(-127, 128, (80, 48), dtype=torch.int8)
+    torch.testing.assert_close(torch.compile(reduction_linear)(x, int8), x @ int8.float().T, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("min_onednn_elements", [0, 2**40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_matches_nn_linear_eagerly_and_compiled(monkeypatch, min_onednn_elements, bias):
+    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_ELEMENTS", min_onednn_elements)  # oneDNN, or MKL
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80, bias=bias)
+    fast = use_cpu_kernels(copy.deepcopy(linear))
+    assert type(fast) is CPULinear and not fast.weight.requires_grad
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for x in (torch.randn(4, 3, 48), torch.randn(1, 1, 48)):  # compiled: oneDNN or MKL, then the reduction
+            torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Llama2ForCausalLM(tiny_config(vocab_size=256)).eval()
+
+
+def test_only_fp32_cpu_linears_change_and_the_model_still_saves(model, tmp_path):
+    fast = use_cpu_kernels(copy.deepcopy(model))
+    assert all(type(m) is not torch.nn.Linear for m in fast.modules())
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    fast.save_pretrained(tmp_path)
+    reloaded = Llama2ForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    half = use_cpu_kernels(copy.deepcopy(model).to(torch.bfloat16))
+    assert all(type(m) is not CPULinear for m in half.modules())  # only fp32 is measured faster
+
+
+def test_compiled_greedy_tokens_match_the_eager_model(model):
+    fast = use_cpu_kernels(copy.deepcopy(model))
+    for batch in (1, 2):  # the reduction at one row; oneDNN and MKL at two
+        ids = torch.randint(1, 256, (batch, 12), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()  # reset() keeps the counts of earlier tests
+        out = generate(fast, ids, max_new_tokens=12)  # fullgraph: each path compiles without a graph break
+        assert counters["stats"]["unique_graphs"] == 1
+        assert torch.equal(out, generate(model, ids, max_new_tokens=12, compile=False))
+        assert torch.equal(generate(copy.deepcopy(fast), ids, max_new_tokens=12, compile=False), out)
+
+
+def test_int8_compiled_step_at_one_row_is_weight_only(model):
+    quantized = quantize_int8(copy.deepcopy(model))
+    dequantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Int8Linear):
+                dequantized.get_submodule(name).weight.copy_(module.weight.float() * module.weight_scale[:, None])
+    ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    # At one row the compiled step is weight-only int8: the fp32 model holding the dequantized weights.
+    assert torch.equal(generate(quantized, ids, max_new_tokens=12), generate(dequantized, ids, max_new_tokens=12))
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
+def test_int8_compiled_step_calls_fbgemm_for_several_rows_and_matches_eager(model):
+    quantized = quantize_int8(copy.deepcopy(model))
+    ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    eager = generate(quantized, ids, max_new_tokens=12, compile=False)
+    assert all(m._packed is not None for m in quantized.modules() if isinstance(m, Int8Linear))
+    torch._dynamo.reset()
+    assert torch.equal(generate(quantized, ids, max_new_tokens=12), eager)
