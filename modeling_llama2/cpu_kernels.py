@@ -98,13 +98,15 @@ def _(x: torch.Tensor, weight: PackedWeight, out_features: int) -> torch.Tensor:
 
 
 class CPULinear(nn.Linear):
-    """Inference-only `nn.Linear` (fp32, CPU) that picks its kernel by the number of rows (see the module's
-    docstring). Same parameters and state dict as the `nn.Linear` it replaces."""
+    """A frozen `nn.Linear` (fp32, CPU) that picks its kernel by the number of rows (see the module's docstring).
+    Same parameters and state dict as the `nn.Linear` it replaces; its weight is not trained, but gradients still
+    reach its input (for adapters trained on top)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and rows_of(x) <= MAX_REDUCTION_ROWS:
             y = reduction_linear(x, self.weight)
-        elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS:
+        elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS and not (x.requires_grad and torch.is_grad_enabled()):
+            # oneDNN's op has no backward; an input that needs a gradient (adapters trained on top) takes MKL.
             y = onednn_linear(x, self.weight)
         else:
             return F.linear(x, self.weight, self.bias)
@@ -122,8 +124,8 @@ def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> No
 @torch.no_grad()
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
     """Make (in place) every fp32 CPU `nn.Linear` of `model` a `CPULinear`, for fast inference on the CPU
-    (`decoding.generate`, prefill, `generate`). The weights stay where they are, untrainable: the model saves and
-    copies as before."""
+    (`decoding.generate`, prefill, `generate`). The weights stay where they are, frozen: the model saves and copies
+    as before."""
     if not torch.backends.mkldnn.is_available():
         raise RuntimeError("`use_cpu_kernels` needs a torch built with oneDNN (mkldnn); this one has none.")
     for module in model.modules():

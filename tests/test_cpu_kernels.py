@@ -43,6 +43,18 @@ def test_cpu_linear_matches_nn_linear_eagerly_and_compiled(monkeypatch, min_oned
             torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
+def test_gradients_reach_the_input_of_a_frozen_cpu_linear(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_ELEMENTS", 0)  # oneDNN's op has no backward: MKL must take over
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    fast = use_cpu_kernels(copy.deepcopy(linear))
+    x = torch.randn(3, 48, requires_grad=True)
+    fast(x).square().sum().backward()
+    expected = torch.autograd.grad(linear(x).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    assert fast.weight.grad is None
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
