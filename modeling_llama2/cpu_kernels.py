@@ -40,9 +40,8 @@ def rows_of(x: torch.Tensor) -> int:
 
 def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ W^T` as a multiply and a sum, for inductor to compile into one GEMV loop; `weight` may be int8 (the
-    loop converts each value as it reads it). Weight rows are the outer loop, so each is read once for all
-    the rows of `x`. Only for a few rows inside `torch.compile`: eagerly it would build the (out, rows, in)
-    product."""
+    loop converts each value as it reads it). Only inside `torch.compile` and for `MAX_REDUCTION_ROWS` rows:
+    eagerly it would build the (out, rows, in) product."""
     rows = x.reshape(-1, x.shape[-1])
     y = (weight.unsqueeze(1) * rows).sum(-1, dtype=x.dtype)
     return y.t().reshape(*x.shape[:-1], weight.shape[0])
@@ -111,14 +110,6 @@ class CPULinear(nn.Linear):
         else:
             return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias
-
-
-def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> None:
-    """Replace (in place) each `nn.Linear` of `model`, or those named in `names`, by `make(linear)`."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and (names is None or name in names):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, make(module))
 
 
 @torch.no_grad()

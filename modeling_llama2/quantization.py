@@ -24,7 +24,7 @@ from torch import nn
 
 from .configuration_llama2 import Llama2Config
 from .modeling_llama2 import Llama2ForCausalLM
-from .cpu_kernels import MAX_REDUCTION_ROWS, PackedWeight, fbgemm_int8_linear, reduction_linear, replace_linears, rows_of
+from .cpu_kernels import MAX_REDUCTION_ROWS, PackedWeight, fbgemm_int8_linear, reduction_linear, rows_of
 
 WEIGHTS_NAME = "model.int8.safetensors"
 
@@ -89,6 +89,14 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> None:
+    """Replace (in place) each `nn.Linear` of `model`, or those named in `names`, by `make(linear)`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and (names is None or name in names):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(module))
 
 
 @torch.no_grad()
