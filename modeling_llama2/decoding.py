@@ -34,10 +34,19 @@ def select_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) ->
 
 
 def decode_step(
-    model: PreTrainedModel, tokens: torch.Tensor, cache: StaticCache, temperature: float, top_p: float = 1.0
+    model: PreTrainedModel,
+    tokens: torch.Tensor,
+    cache: StaticCache,
+    temperature: float,
+    top_p: float = 1.0,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode step: feed `tokens` (batch,) at the cache's current position, return the next ones."""
-    logits = model(input_ids=tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
+    """One decode step: feed `tokens` (batch,) at the cache's current slot, return the next ones. Left-padded
+    rows pass their own `position_ids` (batch, 1) and a mask over all the cache's slots (0 on padding)."""
+    logits = model(
+        input_ids=tokens[:, None], cache=cache, use_cache=True, position_ids=position_ids, attention_mask=attention_mask
+    ).logits[:, -1]
     return select_next(logits, temperature, top_p)
 
 
@@ -58,15 +67,33 @@ def _compiled_step(*args) -> torch.Tensor:
 MAX_COMPILED_STEPS = 64
 
 
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as `generate` makes them: each row counts from its first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
 @torch.no_grad()
 def prefill(
-    model: PreTrainedModel, input_ids: torch.Tensor, max_cache_len: int, batch_size: int | None = None
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    max_cache_len: int,
+    batch_size: int | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, StaticCache]:
     """Run the prompt once and return its last logits and a `StaticCache` of `max_cache_len` slots holding its
-    keys and values, broadcast to `batch_size` rows (default: the prompt's batch)."""
+    keys and values, broadcast to `batch_size` rows (default: the prompt's batch). Left-padded prompts pass their
+    `attention_mask`."""
     batch_size = batch_size or input_ids.shape[0]
     prompt_cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, cache=prompt_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    position_ids = None if attention_mask is None else padded_positions(attention_mask)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=prompt_cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     first = prompt_cache.layers[0].keys
     cache.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
@@ -89,14 +116,21 @@ def decode(
     pad_token_id: int = 0,
     compile: bool = True,
     top_p: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Generate `max_new_tokens` (batch, new) after a prefill. Rows that produced `eos_token_id` continue with
-    `pad_token_id`; decoding stops early once all rows have. On an accelerator that is checked every 16 tokens,
-    as each check waits for the device; on a CPU after every token. The result ends where `generate` would have
-    stopped."""
+    """Generate `max_new_tokens` (batch, new) after a prefill (of left-padded prompts: pass their
+    `attention_mask`). Rows that produced `eos_token_id` continue with `pad_token_id`; decoding stops early once
+    all rows have. On an accelerator that is checked every 16 tokens, as each check waits for the device; on a
+    CPU after every token. The result ends where `generate` would have stopped."""
     step = _compiled_step if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
+    positions, slots_mask = None, None
+    if attention_mask is not None:
+        positions = attention_mask.sum(-1, keepdim=True)  # the next token's position in each row
+        slots = cache.layers[0].keys.shape[-2]
+        slots_mask = torch.ones(tokens.shape[0], slots, dtype=attention_mask.dtype, device=attention_mask.device)
+        slots_mask[:, : attention_mask.shape[1]] = attention_mask
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_STEPS):
@@ -107,7 +141,8 @@ def decode(
                 if i % check_every == check_every - 1 and bool(finished.all()):
                     break
             if i + 1 < max_new_tokens:
-                tokens = step(model, tokens, cache, temperature, top_p)
+                tokens = step(model, tokens, cache, temperature, top_p, positions, slots_mask)
+                positions = None if positions is None else positions + 1
     if eos_token_id is not None and bool(finished.all()):
         out = out[:, : int(_first_eos(out, eos_token_id).max()) + 1]
     return out
@@ -129,13 +164,18 @@ def generate(
     pad_token_id: int = 0,
     max_cache_len: int | None = None,
     compile: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prompt plus continuation, (batch, prompt + new); at temperature 0 the tokens of
-    `model.generate(input_ids, do_sample=False, ...)`. Prompts are unpadded rows of equal length. The compiled
-    step is specialized to the cache's shape: pass one `max_cache_len` for all calls to compile once."""
+    `model.generate(input_ids, attention_mask=attention_mask, do_sample=False, ...)`. Prompts of different lengths
+    are left-padded, with their `attention_mask`. The compiled step is specialized to the cache's shape: pass one
+    `max_cache_len` for all calls to compile once."""
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
-    logits, cache = prefill(model, input_ids, max_cache_len)
-    new = decode(model, logits, cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile)
+    logits, cache = prefill(model, input_ids, max_cache_len, attention_mask=attention_mask)
+    new = decode(
+        model, logits, cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile,
+        attention_mask=attention_mask,
+    )
     return torch.cat([input_ids, new], dim=1)
 
 

@@ -39,6 +39,19 @@ def test_compiled_greedy_matches_generate_without_recompiling(model):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_left_padded_prompts_of_different_lengths_match_generate(model, compile):
+    ids = prompts(3, 9, seed=4)
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate([0, 4, 2]):  # prompts of 9, 5 and 7 tokens
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    out = generate(model, ids, max_new_tokens=16, compile=compile, attention_mask=mask)
+    assert torch.equal(out, reference(model, ids, 16, attention_mask=mask))
+    # Each row continues as it would alone, unpadded.
+    alone = generate(model, ids[1:2, 4:], max_new_tokens=16, compile=False)
+    assert torch.equal(out[1, 9:], alone[0, 5:])
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_eager_greedy_matches_generate_and_static_generate(model, batch):
     ids = prompts(batch, 9)
