@@ -79,8 +79,15 @@ def compiled_decoding() -> str:
     ours, _ = pair(SMALL, torch.float32)
     ids = torch.randint(3, 1000, (4, 16), device="cuda")
     same = torch.equal(decoding.generate(ours, ids, 48), greedy(ours, ids, torch.ones_like(ids), 48))
+    mask = torch.ones_like(ids)
+    mask[1, :5], mask[3, :9] = 0, 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    padded = torch.equal(decoding.generate(ours, ids, 48, attention_mask=mask), greedy(ours, ids, mask, 48))
     samples = decoding.sample_n(ours, ids[:1], 16, 32, temperature=1.0)
-    return f"fp32 compiled greedy == generate: {same}; sample_n gave {samples.unique(dim=0).shape[0]}/16 distinct"
+    return (
+        f"fp32 compiled greedy == generate: {same}, left-padded: {padded}; "
+        f"sample_n gave {samples.unique(dim=0).shape[0]}/16 distinct"
+    )
 
 
 def int8() -> str:
