@@ -34,8 +34,9 @@ MIN_ONEDNN_ELEMENTS = 2**19  # 768 x 768 and larger: below this oneDNN's per-cal
 MAX_REDUCTION_ROWS = 1
 
 
-def rows_of(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1]
+def use_reduction(x: torch.Tensor) -> bool:
+    """Whether `x`'s product goes through `reduction_linear`: on a CPU, inside a compiled graph, for one row."""
+    return x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= MAX_REDUCTION_ROWS
 
 
 def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class CPULinear(nn.Linear):
     reach its input (for adapters trained on top)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and rows_of(x) <= MAX_REDUCTION_ROWS:
+        if use_reduction(x):
             y = reduction_linear(x, self.weight)
         elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS and not (x.requires_grad and torch.is_grad_enabled()):
             # oneDNN's op has no backward; an input that needs a gradient (adapters trained on top) takes MKL.

@@ -24,7 +24,7 @@ from torch import nn
 
 from .configuration_llama2 import Llama2Config
 from .modeling_llama2 import Llama2ForCausalLM
-from .cpu_kernels import MAX_REDUCTION_ROWS, PackedWeight, fbgemm_int8_linear, reduction_linear, rows_of
+from .cpu_kernels import PackedWeight, fbgemm_int8_linear, reduction_linear, use_reduction
 
 WEIGHTS_NAME = "model.int8.safetensors"
 
@@ -72,7 +72,7 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.compiler.is_compiling() and rows_of(x) <= MAX_REDUCTION_ROWS:
+        if use_reduction(x):
             y = reduction_linear(x, self.weight) * self.weight_scale.to(x.dtype)
         elif self._use_fbgemm(x):
             return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
