@@ -63,7 +63,8 @@ def _compiled_step(*args) -> torch.Tensor:
 
 
 # The step compiles once per model structure, batch size, cache length, temperature and top-p; dynamo's default
-# limit of 8 graphs per function is soon reached by a process that decodes with several models (fp32, CPU kernels, int8).
+# limit of 8 graphs per function is soon reached by a process that decodes with several models (fp32, CPU kernels,
+# int8).
 MAX_COMPILED_STEPS = 64
 
 
