@@ -28,9 +28,14 @@ def load_reward_model(path, objective, device):
     return model
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     model_args, args, training_args = parse_args(
-        ModelArguments, SamplingArguments, learning_rate=2e-5, lr_scheduler_type="cosine", num_train_epochs=2
+        ModelArguments,
+        SamplingArguments,
+        argv=argv,
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        num_train_epochs=2,
     )
     paths = {"helpfulness": args.helpfulness_rm, "safety": args.safety_rm}
     if not any(paths.values()):

@@ -10,9 +10,14 @@ from modeling_llama2.reward import RewardArguments, run_reward_model
 from modeling_llama2.training import ModelArguments, parse_args
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     model_args, reward_args, training_args = parse_args(
-        ModelArguments, RewardArguments, learning_rate=1e-5, lr_scheduler_type="cosine", num_train_epochs=1
+        ModelArguments,
+        RewardArguments,
+        argv=argv,
+        learning_rate=1e-5,
+        lr_scheduler_type="cosine",
+        num_train_epochs=1,
     )
     run_reward_model(model_args, reward_args, training_args)
 

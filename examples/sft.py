@@ -9,9 +9,14 @@ from modeling_llama2.sft import SFTArguments, run_sft
 from modeling_llama2.training import ModelArguments, parse_args
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     model_args, sft_args, training_args = parse_args(
-        ModelArguments, SFTArguments, learning_rate=2e-5, lr_scheduler_type="cosine", num_train_epochs=2
+        ModelArguments,
+        SFTArguments,
+        argv=argv,
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        num_train_epochs=2,
     )
     run_sft(model_args, sft_args, training_args)
 

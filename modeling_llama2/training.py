@@ -6,7 +6,7 @@ holds the plumbing they would otherwise each repeat.
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,16 +37,17 @@ class ModelArguments:
     )
 
 
-def parse_args(*dataclass_types: type, **defaults: Any) -> tuple:
+def parse_args(*dataclass_types: type, argv: Sequence[str] | None = None, **defaults: Any) -> tuple:
     """Parse the script's own dataclasses followed by `TrainingArguments`, so every Trainer flag works
     (`--deepspeed`, `--fsdp`, `--resume-from-checkpoint`, `--gradient-accumulation-steps`, ...).
 
-    `defaults` override `TrainingArguments` defaults (the paper's learning rates, for instance).
+    `argv` is the command line without the program name (default: `sys.argv[1:]`), so a script's `main` can be
+    called from Python. `defaults` override `TrainingArguments` defaults (the paper's learning rates, for instance).
     """
     parser = HfArgumentParser((*dataclass_types, TrainingArguments))
     parser.add_argument("--num-epochs", dest="num_train_epochs", type=float, help="Alias of --num-train-epochs.")
     parser.set_defaults(logging_steps=10, ddp_find_unused_parameters=False, **defaults)
-    *script_args, training_args = parser.parse_args_into_dataclasses()
+    *script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # The collators here read fields the model's forward does not name (margins, ratings, packed samples).
     training_args.remove_unused_columns = False
     # Useful tokens/s: count real tokens, not padding (the parser cannot take this value from the command line).

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
-from modeling_llama2.sft import load_sft_samples, pack, sft_collator
+from modeling_llama2.sft import SFTArguments, load_sft_samples, pack, sft_collator
+from modeling_llama2.training import ModelArguments, parse_args
 from tests.alignment_helpers import (
     logged_losses,
     qa_pairs,
@@ -107,6 +108,18 @@ def sft_data(tmp_path, n=48):
     records = [{"prompt": q, "response": a} for q, a in qa_pairs(n)]
     records[0] = {"messages": [{"role": "system", "content": "be brief"}, *exchange(*qa_pairs(1, seed=5)[0])]}
     return write_jsonl(tmp_path / "sft.jsonl", records)
+
+
+def test_parse_args_reads_a_given_command_line_over_the_script_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--model", "from-sys-argv"])
+    argv = ["--model", "m", "--train-file", "t.jsonl", "--output-dir", str(tmp_path), "--num-epochs", "3"]
+    model_args, sft_args, training_args = parse_args(
+        ModelArguments, SFTArguments, argv=argv, learning_rate=2e-5, num_train_epochs=2
+    )
+    assert (model_args.model, sft_args.train_file, sft_args.max_length) == ("m", "t.jsonl", 4096)
+    assert training_args.num_train_epochs == 3.0  # the command line wins over the script's default
+    assert training_args.learning_rate == 2e-5  # the script's default wins over TrainingArguments'
+    assert training_args.remove_unused_columns is False
 
 
 def test_sft_script_trains_and_saves_a_loadable_model(tmp_path):
