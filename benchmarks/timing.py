@@ -5,6 +5,7 @@ across runs: each round times every variant once, in an order rotated round to r
 CPU to be quiet, and the result is the median (with min and max) of the per-round speed ratios.
 """
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -40,11 +41,24 @@ def best_of(fn: Callable[[], object], repeats: int = 1) -> float:
     return min(times)
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics j and n + 1 - j, for the largest
+    j whose coverage 1 - 2 P(Binomial(n, 1/2) < j) is at least `confidence`. Needs no assumption about the shape
+    of the noise, which on a shared machine is skewed; with too few values for that confidence, (min, max)."""
+    xs, n = sorted(values), len(values)
+    j, below = 0, 0.0  # below = P(Binomial(n, 1/2) <= j - 1)
+    while j < n // 2 and 1 - 2 * (below + math.comb(n, j) / 2**n) >= confidence:
+        below += math.comb(n, j) / 2**n
+        j += 1
+    return (xs[j - 1], xs[n - j]) if j else (xs[0], xs[-1])
+
+
 def paired_ratios(
     variants: dict[str, Callable[[], object]], baseline: str, rounds: int = 9, repeats: int = 1
 ) -> dict[str, dict[str, float]]:
     """Time every variant once per round (rotating the order), and return for each variant its median
-    seconds and the median, min and max over rounds of `baseline_seconds / variant_seconds` (> 1: faster)."""
+    seconds and the median, min, max and 95% interval of the median over rounds of
+    `baseline_seconds / variant_seconds` (> 1: faster)."""
     names = list(variants)
     seconds = {name: [] for name in names}
     for r in range(rounds):
@@ -60,6 +74,7 @@ def paired_ratios(
             "ratio": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "ratio_ci": median_interval(ratios),
         }
     return result
 
