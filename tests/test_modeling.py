@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2.modeling_llama2 import causal_lm_loss
 
 from .conftest import TINY, model_pair, tiny_config
 
@@ -150,13 +152,90 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0)
 
 
-def test_loss_matches_transformers():
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [{}, {"num_items_in_batch": torch.tensor(40)}, {"num_items_in_batch": 40}, {"shift_labels": True}],
+    ids=["mean", "num_items_tensor", "num_items_int", "shift_labels"],
+)
+def test_loss_and_gradients_match_transformers(loss_kwargs):
     ours, ref = model_pair()
     input_ids = torch.randint(1, TINY["vocab_size"], (2, 16))
     labels = input_ids.clone()
     labels[:, :5] = -100
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids, labels=labels).loss, ref(input_ids, labels=labels).loss)
+    if loss_kwargs.get("shift_labels"):  # labels already shifted, as for sequence parallelism
+        loss_kwargs = {"shift_labels": torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)}
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(input_ids, labels=labels, **loss_kwargs).loss
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters()}
+
+    (ours_loss, ours_grads), (ref_loss, ref_grads) = loss_and_grads(ours), loss_and_grads(ref)
+    torch.testing.assert_close(ours_loss, ref_loss, atol=1e-6, rtol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_lm_loss_equals_transformers_loss_over_several_blocks(dtype):
+    """Enough rows for several of `TokenCrossEntropy`'s blocks; bf16 logits are still reduced in fp32."""
+    vocab = 2**13  # 64 rows per block
+    logits = torch.randn(3, 100, vocab, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (3, 100))
+    labels[0, :30] = -100
+    ref = ForCausalLMLoss(logits, labels, vocab)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    ours = causal_lm_loss(logits, labels, vocab)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    assert ours.dtype == ref.dtype == torch.float32 and ours_grad.dtype == dtype
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_grad.float(), ref_grad.float(), atol=1e-7 if dtype == torch.float32 else 1e-6, rtol=0)
+    # Like F.cross_entropy: nothing to learn from gives NaN (0 / 0) under the mean, 0 under a given divisor.
+    ignored = torch.full_like(labels, -100)
+    assert causal_lm_loss(logits, ignored, vocab).isnan() and ForCausalLMLoss(logits, ignored, vocab).isnan()
+    assert causal_lm_loss(logits, ignored, vocab, num_items_in_batch=5) == 0
+
+
+def test_loss_saves_no_second_logits_sized_tensor_for_backward():
+    """Through autograd's saved-tensor hooks: the loss keeps the logits the output holds anyway (and one float a
+    token), where `F.cross_entropy` keeps their log-softmax as well."""
+    ours, ref = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 64))
+
+    def saved_logits_sized(model) -> tuple[set[int], int]:
+        saved = set()
+
+        def pack(tensor):
+            if tensor.numel() == input_ids.numel() * TINY["vocab_size"]:
+                saved.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = model(input_ids, labels=input_ids)
+        output.loss.backward()
+        return saved, output.logits.untyped_storage().data_ptr()
+
+    saved, logits = saved_logits_sized(ours)
+    assert saved == {logits}
+    saved, logits = saved_logits_sized(ref)
+    assert saved - {logits}
+
+
+def test_an_assigned_loss_function_replaces_the_default():
+    ours, _ = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (1, 8))
+    ours.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum() * 0 + 42.0
+    assert ours(input_ids, labels=input_ids).loss.item() == 42.0
+
+
+def test_compiled_training_step_takes_the_plain_loss_and_matches_eager():
+    ours, _ = model_pair()
+    ours.train()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 16))
+    eager = ours(input_ids, labels=input_ids).loss
+    compiled = torch.compile(ours, backend="eager", fullgraph=True)(input_ids, labels=input_ids).loss
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
 
 
 def test_hidden_states_and_attentions_are_returned():
