@@ -18,7 +18,7 @@ import datetime
 import torch
 import transformers
 from bench_model import build
-from timing import best_of, paired_ratios, print_table
+from timing import best_of, paired_ratios, peak_rss_rise, print_table
 from transformers import CompileConfig
 
 from modeling_llama2 import decoding
@@ -36,20 +36,6 @@ def matmul_flops() -> float:
     """fp32 FLOP/s of a 2048^3 matmul."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     return 2 * 2048**3 / best_of(lambda: a @ b, repeats=5)
-
-
-def peak_rss_rise(fn) -> float:
-    """MiB by which the peak RSS rises above the current RSS during `fn()` (Linux: clear_refs resets the peak)."""
-
-    def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
-    fn()
-    return (status("VmHWM:") - before) / 1024
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

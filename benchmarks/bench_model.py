@@ -4,14 +4,15 @@
 
 Prints prefill tokens/s (1x512), greedy decode tokens/s (128 new tokens, batch 1 and 8) and training-step
 tokens/s, each with the median over rounds of the paired speed ratio ours / transformers, the 95% confidence
-interval of that median, and its min and max.
+interval of that median, and its min and max; then the rise of the process's peak RSS during one more call of
+each (MiB, ours / transformers).
 """
 
 import argparse
 import platform
 
 import torch
-from timing import paired_ratios, print_table
+from timing import paired_ratios, peak_rss_rise, print_table
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
@@ -94,12 +95,13 @@ def main() -> None:
                 f"{o['ratio']:.2f}",
                 "[{:.2f}, {:.2f}]".format(*o["ratio_ci"]),
                 f"[{o['ratio_min']:.2f}, {o['ratio_max']:.2f}]",
+                f"{peak_rss_rise(fn):.0f} / {peak_rss_rise(ref_work[name][0]):.0f}",
             ]
         )
     print_table(
         f"shape {args.shape}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.rounds} rounds",
-        ["workload", "transformers tok/s", "ours tok/s", "ratio", "95% CI of ratio", "[min, max]"],
+        ["workload", "transformers tok/s", "ours tok/s", "ratio", "95% CI of ratio", "[min, max]", "peak MiB"],
         rows,
     )
 

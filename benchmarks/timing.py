@@ -79,6 +79,20 @@ def paired_ratios(
     return result
 
 
+def peak_rss_rise(fn) -> float:
+    """MiB by which the peak RSS rises above the current RSS during `fn()` (Linux: clear_refs resets the peak)."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    fn()
+    return (status("VmHWM:") - before) / 1024
+
+
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
 
