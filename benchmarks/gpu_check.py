@@ -4,7 +4,8 @@
 
 Checks, each printed as a line: parity with transformers' `LlamaForCausalLM` (fp32 logits, bf16 greedy tokens
 with left padding) for every attention implementation the registry offers here; the static cache; the compiled
-`decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the compiled graph). Then
+`decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the compiled graph); the causal-LM
+loss against transformers' on bf16 logits (value, gradient, peak memory, time). Then
 times bf16 decode on the 125M GQA shape against transformers' default and static + compiled `generate`.
 """
 
@@ -103,6 +104,31 @@ def int8() -> str:
     return f"int8 logit rel L2 error {((out - ref).norm() / ref.norm()).item():.4f}; compiled tokens == eager: {torch.equal(eager, compiled)}"
 
 
+def loss() -> str:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from modeling_llama2.modeling_llama2 import causal_lm_loss
+
+    logits = torch.randn(8, 512, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 32000, (8, 512), device="cuda")
+    labels[:, :100] = -100
+    results = {}
+    for name, fn in [("transformers", ForCausalLMLoss), ("ours", causal_lm_loss)]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        value = fn(logits, labels, 32000)
+        (grad,) = torch.autograd.grad(value, logits)
+        seconds = timed(lambda: torch.autograd.grad(fn(logits, labels, 32000), logits), 5)
+        results[name] = value, grad, (torch.cuda.max_memory_allocated() - base) / 2**20, seconds
+    (ref, ref_grad, ref_mib, ref_s), (ours, ours_grad, ours_mib, ours_s) = results.values()
+    return (
+        f"bf16 8x512x32000 loss diff {(ours - ref).abs().item():.1e}, grad max diff "
+        f"{(ours_grad.float() - ref_grad.float()).abs().max().item():.1e}; peak MiB ours {ours_mib:.0f} vs "
+        f"{ref_mib:.0f}; ms ours {ours_s * 1e3:.1f} vs {ref_s * 1e3:.1f}"
+    )
+
+
 def timed(fn, rounds: int) -> float:
     fn()  # warm-up and compile
     times = []
@@ -145,14 +171,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--only", default="parity,static,decoding,int8,speed", help="comma-separated subset")
+    parser.add_argument("--only", default="parity,static,decoding,int8,loss,speed", help="comma-separated subset")
     args = parser.parse_args()
     only = args.only.split(",")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name()}")
     if "parity" in only:
         for attn in ("eager", "sdpa", "flex_attention", "flash_attention_2"):
             check(f"parity {attn}", lambda: parity(attn))
-    for name, fn in [("static", static_cache), ("decoding", compiled_decoding), ("int8", int8)]:
+    for name, fn in [("static", static_cache), ("decoding", compiled_decoding), ("int8", int8), ("loss", loss)]:
         if name in only:
             check(name, fn)
     if "speed" in only:
