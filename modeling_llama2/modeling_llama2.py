@@ -380,9 +380,10 @@ class TokenCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         rows = _loss_block_rows(logits)
         fp32 = logits.dtype == torch.float32
+        buffer = None if fp32 else logits.new_empty((min(rows, logits.shape[0]), logits.shape[1]), dtype=torch.float32)
         for start in range(0, logits.shape[0], rows):
             block = slice(start, start + rows)
-            out = grad[block] if fp32 else torch.empty_like(grad[block], dtype=torch.float32)
+            out = grad[block] if fp32 else buffer[: grad[block].shape[0]]
             # d loss / d logits = (softmax(logits) - one_hot(target)) * grad_loss / divisor, zero on ignored rows
             torch.sub(logits[block], log_sum_exp[block, None], out=out).exp_().mul_(row_scale[block, None])
             out.scatter_add_(1, targets[block, None], -row_scale[block, None])
