@@ -13,7 +13,6 @@ when freed, so the peak RSS follows the live tensors exactly (the timings are th
 
 import argparse
 import platform
-import statistics
 
 import torch
 from timing import paired_ratios, peak_rss_rise, print_table
@@ -40,7 +39,7 @@ def main() -> None:
 
         variants = {"transformers": call(ForCausalLMLoss), "ours": call(causal_lm_loss)}
         result = paired_ratios(variants, baseline="transformers", rounds=args.rounds)
-        peak = {name: statistics.median(peak_rss_rise(fn) for _ in range(3)) for name, fn in variants.items()}
+        peak = {name: peak_rss_rise(fn, calls=3) for name, fn in variants.items()}
         for name, timing in result.items():
             rows.append(
                 [

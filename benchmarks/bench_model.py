@@ -10,7 +10,6 @@ interval of that median, and its min and max; then the rise of the process's pea
 
 import argparse
 import platform
-import statistics
 
 import torch
 from timing import paired_ratios, peak_rss_rise, print_table
@@ -68,11 +67,6 @@ def workloads(model, batch_prompt: dict[int, torch.Tensor], train_ids: torch.Ten
     }
 
 
-def peak_mib(fn) -> float:
-    """Median of 3 calls: the allocator keeps or returns freed blocks differently from call to call."""
-    return statistics.median(peak_rss_rise(fn) for _ in range(3))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="15m")
@@ -101,7 +95,7 @@ def main() -> None:
                 f"{o['ratio']:.2f}",
                 "[{:.2f}, {:.2f}]".format(*o["ratio_ci"]),
                 f"[{o['ratio_min']:.2f}, {o['ratio_max']:.2f}]",
-                f"{peak_mib(fn):.0f} / {peak_mib(ref_work[name][0]):.0f}",
+                f"{peak_rss_rise(fn, calls=3):.0f} / {peak_rss_rise(ref_work[name][0], calls=3):.0f}",
             ]
         )
     print_table(

@@ -79,18 +79,23 @@ def paired_ratios(
     return result
 
 
-def peak_rss_rise(fn) -> float:
-    """MiB by which the peak RSS rises above the current RSS during `fn()` (Linux: clear_refs resets the peak)."""
+def peak_rss_rise(fn, calls: int = 1) -> float:
+    """MiB by which the peak RSS rises above the current RSS during `fn()` (Linux: clear_refs resets the peak);
+    with `calls` > 1, the median over that many calls, as the allocator keeps or returns freed blocks differently
+    from call to call."""
 
     def status(key: str) -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(key))
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
-    fn()
-    return (status("VmHWM:") - before) / 1024
+    rises = []
+    for _ in range(calls):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS:")
+        fn()
+        rises.append((status("VmHWM:") - before) / 1024)
+    return statistics.median(rises)
 
 
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
