@@ -21,9 +21,9 @@ from bench_model import build
 from timing import best_of, paired_ratios, peak_rss_rise, print_table
 from transformers import CompileConfig
 
-from modeling_llama2 import decoding
-from modeling_llama2.cpu_kernels import use_cpu_kernels
-from modeling_llama2.quantization import quantize_int8
+from modeling_llama2.inference import decoding
+from modeling_llama2.inference.cpu_kernels import use_cpu_kernels
+from modeling_llama2.inference.quantization import quantize_int8
 
 
 def memory_bandwidth() -> float:
@@ -80,7 +80,7 @@ def main() -> None:
         )
 
     def fast(model, batch: int):
-        return lambda: decoding.generate(model, prompt[batch], new)
+        return lambda: decoding.generate(model, prompt[batch], max_new_tokens=new)
 
     workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
         "decode1": ("decode b=1", new, {
@@ -108,9 +108,9 @@ def main() -> None:
                 bo_prompt, do_sample=True, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
                 top_k=0, pad_token_id=0,
             ),
-            "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n, new),
-            "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n, new),
-            "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n, new),
+            "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n=n, max_new_tokens=new),
+            "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n=n, max_new_tokens=new),
+            "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n=n, max_new_tokens=new),
         }),
     }
     workloads = {key: workloads[key] for key in args.workloads.split(",")}

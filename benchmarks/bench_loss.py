@@ -18,7 +18,7 @@ import torch
 from timing import paired_ratios, peak_rss_rise, print_table
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from modeling_llama2.modeling_llama2 import causal_lm_loss
+from modeling_llama2.loss_llama2 import causal_lm_loss
 
 
 def main() -> None:

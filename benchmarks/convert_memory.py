@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+from llama2_convert.layout import ffn_dim
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_checkpoint(folder: Path, *, dim: int, layers: int, shards: int, vocab: int) -> int:
     """Write a random Meta checkpoint shard by shard (one shard in memory at a time); return its size."""
-    heads, ffn = dim // 64, 256 * -(-int(8 * dim / 3) // 256)
+    heads, ffn = dim // 64, ffn_dim(dim, multiple_of=256)
     params = {
         "dim": dim,
         "n_layers": layers,
@@ -94,10 +96,10 @@ def main() -> None:
     size = build_checkpoint(
         args.workdir / "meta", dim=args.dim, layers=args.layers, shards=args.shards, vocab=args.vocab
     )
-    convert = [sys.executable, "-m", "conversion"]
+    convert = [sys.executable, "-m", "llama2_convert"]
     runs = {
         "python + torch + transformers imports only": measure(
-            [sys.executable, "-c", "import conversion.meta, conversion.llama2c"]
+            [sys.executable, "-c", "import llama2_convert.meta, llama2_convert.llama2c"]
         ),
         f"meta-to-hf ({args.shards} shards -> safetensors)": measure(
             [

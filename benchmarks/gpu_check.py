@@ -19,7 +19,8 @@ import torch
 import transformers
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
-from modeling_llama2 import Llama2Config, Llama2ForCausalLM, decoding
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2.inference import decoding
 
 SMALL = dict(
     vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
@@ -79,12 +80,12 @@ def static_cache() -> str:
 def compiled_decoding() -> str:
     ours, _ = pair(SMALL, torch.float32)
     ids = torch.randint(3, 1000, (4, 16), device="cuda")
-    same = torch.equal(decoding.generate(ours, ids, 48), greedy(ours, ids, torch.ones_like(ids), 48))
+    same = torch.equal(decoding.generate(ours, ids, max_new_tokens=48), greedy(ours, ids, torch.ones_like(ids), 48))
     mask = torch.ones_like(ids)
     mask[1, :5], mask[3, :9] = 0, 0  # left padding
     ids = ids.masked_fill(mask == 0, 0)
-    padded = torch.equal(decoding.generate(ours, ids, 48, attention_mask=mask), greedy(ours, ids, mask, 48))
-    samples = decoding.sample_n(ours, ids[:1], 16, 32, temperature=1.0)
+    padded = torch.equal(decoding.generate(ours, ids, max_new_tokens=48, attention_mask=mask), greedy(ours, ids, mask, 48))
+    samples = decoding.sample_n(ours, ids[:1], n=16, max_new_tokens=32, temperature=1.0)
     return (
         f"fp32 compiled greedy == generate: {same}, left-padded: {padded}; "
         f"sample_n gave {samples.unique(dim=0).shape[0]}/16 distinct"
@@ -92,22 +93,22 @@ def compiled_decoding() -> str:
 
 
 def int8() -> str:
-    from modeling_llama2.quantization import quantize_int8
+    from modeling_llama2.inference.quantization import quantize_int8
 
     ours, _ = pair(SMALL, torch.float32)
     quantized = quantize_int8(copy.deepcopy(ours))
     ids = torch.randint(3, 1000, (2, 32), device="cuda")
     with torch.no_grad():
         ref, out = ours(ids).logits, quantized(ids).logits
-    eager = decoding.generate(quantized, ids[:, :16], 32, compile=False)
-    compiled = decoding.generate(quantized, ids[:, :16], 32)
+    eager = decoding.generate(quantized, ids[:, :16], max_new_tokens=32, compile=False)
+    compiled = decoding.generate(quantized, ids[:, :16], max_new_tokens=32)
     return f"int8 logit rel L2 error {((out - ref).norm() / ref.norm()).item():.4f}; compiled tokens == eager: {torch.equal(eager, compiled)}"
 
 
 def loss() -> str:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from modeling_llama2.modeling_llama2 import causal_lm_loss
+    from modeling_llama2.loss_llama2 import causal_lm_loss
 
     logits = torch.randn(8, 512, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 32000, (8, 512), device="cuda")

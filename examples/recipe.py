@@ -33,15 +33,6 @@ from pathlib import Path
 
 import sentencepiece
 import torch
-from arithmetic_task import (
-    Problem,
-    equation,
-    is_correct,
-    preference_pair,
-    question,
-    sft_record,
-    split_problems,
-)
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -52,17 +43,20 @@ from transformers import (
 )
 
 import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
-from conversion.__main__ import main as llama2_convert
-from conversion.tokenizer import save_tokenizer
-from modeling_llama2 import Llama2Config, Llama2ForCausalLM
-from modeling_llama2.chat_format import B_INST, E_INST, encode_dialog, tokenizer_encoder
-from modeling_llama2.reward import (
-    RewardArguments,
-    encode_response,
-    run_reward_model,
-    score,
+from arithmetic_task import (
+    Problem,
+    equation,
+    is_correct,
+    preference_pair,
+    question,
+    sft_record,
+    split_problems,
 )
-from modeling_llama2.sampling import (
+from llama2_convert.__main__ import main as llama2_convert
+from llama2_convert.layout import ffn_dim
+from llama2_convert.tokenizer import save_tokenizer
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2.alignment.rejection_sampling import (
     SamplingArguments,
     load_prompts,
     plot_reward_curve,
@@ -70,8 +64,11 @@ from modeling_llama2.sampling import (
     reward_curve,
     sample_responses,
 )  # fmt: skip
-from modeling_llama2.sft import SFTArguments, run_sft
-from modeling_llama2.training import ModelArguments, load_tokenizer, write_jsonl
+from modeling_llama2.alignment.reward import RewardArguments, run_reward_model
+from modeling_llama2.alignment.scoring import encode_response, score
+from modeling_llama2.alignment.sft import SFTArguments, run_sft
+from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, write_jsonl
+from modeling_llama2.chat_format import B_INST, E_INST, encode_dialog, tokenizer_encoder
 
 CONTEXT = 128  # tokens: a chat-formatted question and its answer take about 30
 PRETRAIN_ROW = 64
@@ -183,7 +180,7 @@ def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Size
     """Next-token prediction on the raw text, packed into rows of PRETRAIN_ROW tokens (each line between BOS and EOS)."""
     tokenizer = save_tokenizer(tokenizer_file, output_dir, chat=False, model_max_length=CONTEXT)
     config = Llama2Config(
-        vocab_size=len(tokenizer), hidden_size=sizes.hidden_size, intermediate_size=ffn_size(sizes.hidden_size),
+        vocab_size=len(tokenizer), hidden_size=sizes.hidden_size, intermediate_size=ffn_dim(sizes.hidden_size, 32),
         num_hidden_layers=sizes.num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=CONTEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
@@ -208,11 +205,6 @@ def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Size
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval().save_pretrained(output_dir)
-
-
-def ffn_size(hidden: int) -> int:
-    """Llama's SwiGLU width, 8/3 of the hidden size rounded up to a multiple of 32 (so params.json can express it)."""
-    return -(-(8 * hidden // 3) // 32) * 32
 
 
 def convert(pretrained_dir: Path, meta_dir: Path, base_dir: Path) -> None:

@@ -15,9 +15,15 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-from modeling_llama2.sampling import SamplingArguments, load_prompts, plot_reward_curve, rejection_sample, reward_curve
-from modeling_llama2.sft import SFTArguments, run_sft
-from modeling_llama2.training import ModelArguments, load_tokenizer, parse_args, write_jsonl
+from modeling_llama2.alignment.rejection_sampling import (
+    SamplingArguments,
+    load_prompts,
+    plot_reward_curve,
+    rejection_sample,
+    reward_curve,
+)
+from modeling_llama2.alignment.sft import SFTArguments, run_sft
+from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, parse_args, write_jsonl
 
 
 def load_reward_model(path, objective, device):

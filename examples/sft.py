@@ -5,8 +5,8 @@
 See examples/README.md for the data format and flags; every `TrainingArguments` flag works too.
 """
 
-from modeling_llama2.sft import SFTArguments, run_sft
-from modeling_llama2.training import ModelArguments, parse_args
+from modeling_llama2.alignment.sft import SFTArguments, run_sft
+from modeling_llama2.alignment.training import ModelArguments, parse_args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,16 +1,45 @@
-"""The Llama 2-Chat prompt format, token for token as `chat_completion` in Meta's reference code, with loss labels.
+"""The Llama 2-Chat prompt format, written once: its tags, the Jinja chat template that `apply_chat_template` and
+`pipeline(messages)` render, and `encode_dialog`, which builds the same ids with loss labels for training.
 
-A completed turn is `[BOS] + encode(f"[INST] {user} [/INST] {answer} ") + [EOS]`; a system message is folded into
-the first user message as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}`; a dialog that ends with a user message ends with
-`[BOS] + encode(f"[INST] {user} [/INST]")`, the prompt the model answers. The special tokens are added by id, never
-spelled in text, so a tokenizer that would parse `<s>` in text cannot change the result.
+Both follow `chat_completion` in Meta's reference code token for token. A completed turn is
+`[BOS] + encode(f"[INST] {user} [/INST] {answer} ") + [EOS]`; a system message is folded into the first user message
+as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}`; a dialog that ends with a user message ends with
+`[BOS] + encode(f"[INST] {user} [/INST]")`, the prompt the model answers. `encode_dialog` adds the special tokens by
+id, never spelled in text, so a tokenizer that would parse `<s>` in text cannot change the result.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+TAGS = (B_INST, E_INST, B_SYS.strip(), E_SYS.strip())  # what message content may not contain
 IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's cross-entropy default `ignore_index`)
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'") + "'"
+
+
+# The same format as a Jinja template, for transformers' `apply_chat_template`. The `<s>`/`</s>` are the tokenizer's
+# special tokens (`bos_token`, `eos_token`), and the text after each of them gets sentencepiece's dummy prefix space.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    f"{{% set system = {_jinja_string(B_SYS)} + messages[0]['content'] + {_jinja_string(E_SYS)} %}}"
+    "{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Roles must alternate user/assistant/user/..., after an optional system message.') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% set content = (system + message['content']) if loop.first else message['content'] %}"
+    f"{{{{ bos_token + {_jinja_string(B_INST + ' ')} + content | trim + {_jinja_string(' ' + E_INST)} }}}}"
+    "{% else %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
 
 Encode = Callable[[str], list[int]]
 Message = Mapping[str, str]
@@ -51,9 +80,9 @@ def _fold_system(messages: Sequence[Message]) -> list[dict]:
     for message in messages:
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str) or "role" not in message:
             raise ValueError(f'Each message must be {{"role": ..., "content": "<text>"}}, got {message!r}.')
-        if any(tag in message["content"] for tag in (B_INST, E_INST, "<<SYS>>", "<</SYS>>")):
+        if any(tag in message["content"] for tag in TAGS):
             raise ValueError(
-                f"Message content may not contain the chat format's tags {B_INST} {E_INST} <<SYS>> <</SYS>>: "
+                f"Message content may not contain the chat format's tags {' '.join(TAGS)}: "
                 f"{message['content'][:80]!r}. Remove them from the data."
             )
     messages = [dict(m) for m in messages]

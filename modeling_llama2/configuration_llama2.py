@@ -9,17 +9,17 @@ import shutil
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
-# Where a saved checkpoint finds its classes when loaded with `trust_remote_code=True`. Every file named
-# here is copied beside the weights by `save_pretrained`.
+# Where a saved checkpoint finds its classes when loaded with `trust_remote_code=True`. Every module named
+# here, and every module it imports relatively, is copied beside the weights by `save_pretrained`.
 AUTO_MAP = {
     "AutoConfig": "configuration_llama2.Llama2Config",
     "AutoModel": "modeling_llama2.Llama2Model",
     "AutoModelForCausalLM": "modeling_llama2.Llama2ForCausalLM",
     "AutoModelForSequenceClassification": "modeling_llama2.Llama2ForSequenceClassification",
 }
-REMOTE_CODE_FILES = ("configuration_llama2.py", "modeling_llama2.py")
 
 # RoPE types the rotary embedding understands: the original one plus every scaling transformers implements
 # (`linear` position interpolation, `dynamic` NTK, `llama3`, `yarn`, ...).
@@ -37,7 +37,6 @@ class Llama2Config(PreTrainedConfig):
     """
 
     model_type = "llama2"
-    keys_to_ignore_at_inference = ["cache"]
     # Tensor- and pipeline-parallel plans, as transformers declares them for Llama.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -69,7 +68,6 @@ class Llama2Config(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
-    pretraining_tp: int | None = 1
     tie_word_embeddings: bool = False
     rope_parameters: RopeParameters | dict | None = None
     attention_bias: bool = False
@@ -127,6 +125,15 @@ class Llama2Config(PreTrainedConfig):
         """Save `config.json` and the source files `auto_map` names, so the directory loads with
         `trust_remote_code=True` where this package is not installed."""
         super().save_pretrained(save_directory, **kwargs)
-        here = os.path.dirname(os.path.abspath(__file__))
-        for name in REMOTE_CODE_FILES:
-            shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
+        for path in remote_code_files():
+            shutil.copyfile(path, os.path.join(save_directory, os.path.basename(path)))
+
+
+def remote_code_files() -> list[str]:
+    """The source files `AUTO_MAP` names, found beside this one, and those they import relatively."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    modules = {os.path.join(here, reference.split(".")[0] + ".py") for reference in AUTO_MAP.values()}
+    files = set(modules)
+    for module in modules:
+        files.update(get_relative_import_files(module))
+    return sorted(files)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import modeling_llama2
-from conversion.__main__ import main
+from llama2_convert.__main__ import main
 
 from .llama2_reference import (
     hidden_dim,
@@ -188,7 +188,7 @@ def test_cli_entry_point_with_underscore_options(tmp_path):
     command = ["meta-to-hf", "--input_dir", source, "--output_dir", tmp_path / "hf", "--max_shard_size", "5GB"]
     env = os.environ | {"PYTHONPATH": str(root)}
     run = subprocess.run(
-        [sys.executable, "-m", "conversion", *command], capture_output=True, text=True, cwd=root, env=env
+        [sys.executable, "-m", "llama2_convert", *command], capture_output=True, text=True, cwd=root, env=env
     )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()

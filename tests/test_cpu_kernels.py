@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from modeling_llama2 import Llama2ForCausalLM, cpu_kernels
-from modeling_llama2.cpu_kernels import CPULinear, onednn_linear, reduction_linear, use_cpu_kernels
-from modeling_llama2.decoding import generate
-from modeling_llama2.quantization import Int8Linear, quantize_int8
+from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2.inference import cpu_kernels
+from modeling_llama2.inference.cpu_kernels import CPULinear, onednn_linear, reduction_linear, use_cpu_kernels
+from modeling_llama2.inference.decoding import generate
+from modeling_llama2.inference.quantization import Int8Linear, quantize_int8
 
 from .conftest import tiny_config
 

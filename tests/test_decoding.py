@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.decoding import best_of_n, generate, prefill, sample_n, select_next
+from modeling_llama2.inference.decoding import generate, prefill, sample_n, select_next
 
 from .conftest import tiny_config
 
@@ -126,16 +126,11 @@ def test_top_p_samples_only_the_nucleus_in_proportion():
     assert abs((tokens == 0).float().mean().item() - 0.5 / 0.8) < 0.03
 
 
-def test_best_of_n_returns_the_arg_max_of_the_scores(model):
-    ids = prompts(1, 8)
-    score = lambda seqs: seqs[:, 8:].float().mean(-1)  # any per-sequence score
-    torch.manual_seed(3)
-    best, scores = best_of_n(model, ids, n=6, score=score, max_new_tokens=10, compile=False)
-    torch.manual_seed(3)
-    samples = sample_n(model, ids, n=6, max_new_tokens=10, compile=False)
-    assert torch.equal(scores, score(samples))
-    assert torch.equal(best, samples[scores.argmax()])
-    assert scores[scores.argmax()] == scores.max() and best.shape == (18,)
+def test_generate_with_a_tiny_top_p_keeps_only_the_most_likely_token(model):
+    ids = prompts(2, 7, seed=5)
+    torch.manual_seed(0)
+    nucleus = generate(model, ids, max_new_tokens=12, temperature=1.0, top_p=1e-6, compile=False)
+    assert torch.equal(nucleus, reference(model, ids, 12))
 
 
 def test_sample_n_refuses_a_batch(model):

@@ -50,7 +50,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
     class NoLocalPackage(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_llama2", "conversion"):
+            if name.split(".")[0] in ("modeling_llama2", "llama2_convert"):
                 raise ImportError(f"{name} is hidden from this process")
 
     sys.meta_path.insert(0, NoLocalPackage())

@@ -5,7 +5,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
-from modeling_llama2.modeling_llama2 import causal_lm_loss
+from modeling_llama2.loss_llama2 import causal_lm_loss
 
 from .conftest import TINY, model_pair, tiny_config
 

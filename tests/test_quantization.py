@@ -7,7 +7,13 @@ import torch
 from safetensors import safe_open
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.quantization import WEIGHTS_NAME, Int8Linear, load_quantized, quantize_int8, save_quantized
+from modeling_llama2.inference.quantization import (
+    WEIGHTS_NAME,
+    Int8Linear,
+    load_quantized,
+    quantize_int8,
+    save_quantized,
+)
 
 from .conftest import tiny_config
 

@@ -5,9 +5,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM, Llama2ForSequenceClassification
-from modeling_llama2.reward import encode_response, score
-from modeling_llama2.sampling import SamplingArguments, load_prompts, rejection_sample, reward_curve, sample_responses
-from modeling_llama2.sft import load_sft_samples
+from modeling_llama2.alignment.rejection_sampling import (
+    SamplingArguments,
+    load_prompts,
+    rejection_sample,
+    reward_curve,
+    sample_responses,
+)
+from modeling_llama2.alignment.scoring import encode_response, score
+from modeling_llama2.alignment.sft import load_sft_samples
 from tests.alignment_helpers import (
     logged_losses,
     qa_pairs,

@@ -7,17 +7,16 @@ import torch
 from transformers import AutoModelForSequenceClassification, EvalPrediction
 
 from modeling_llama2 import Llama2ForSequenceClassification
-from modeling_llama2.reward import (
+from modeling_llama2.alignment.reward import (
     MARGINS,
     RATINGS,
     PairCollator,
     RewardArguments,
-    combined_reward,
     load_pairs,
     ranking_loss,
     ranking_metrics,
-    score,
 )
+from modeling_llama2.alignment.scoring import combined_reward, score
 from tests.alignment_helpers import (
     WORDS,
     logged_losses,

@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2.alignment.sft import SFTArguments, load_sft_samples, pack, sft_collator
+from modeling_llama2.alignment.training import ModelArguments, parse_args
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
-from modeling_llama2.sft import SFTArguments, load_sft_samples, pack, sft_collator
-from modeling_llama2.training import ModelArguments, parse_args
 from tests.alignment_helpers import (
     logged_losses,
     qa_pairs,

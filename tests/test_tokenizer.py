@@ -7,7 +7,7 @@ import pytest
 import sentencepiece
 from transformers import AutoTokenizer
 
-from conversion.tokenizer import build_fast_tokenizer, save_tokenizer
+from llama2_convert.tokenizer import build_fast_tokenizer, save_tokenizer
 
 from .llama2_reference import CORPUS, train_sentencepiece
 

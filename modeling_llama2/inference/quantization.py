@@ -11,7 +11,7 @@ measured on this project's 2-core x86 CPU (torch 2.13, fp32 GEMV 32000x768 as 1x
 So on a CPU, inside `torch.compile` and for one row (batch-1 decoding), the product is
 `cpu_kernels.reduction_linear`, one compiled loop that reads the int8 weight and converts it as it goes (weight-only
 int8: the activations are not rounded, so these logits are closer to fp32 than fbgemm's); for more rows, or eagerly,
-fbgemm is called (through `cpu_kernels`' custom op); elsewhere it computes `linear(x, int8 -> dtype) * scale`, which
+fbgemm is called (through `cpu_kernels`' custom op; the private torch APIs are `torch_internals`'); elsewhere it computes `linear(x, int8 -> dtype) * scale`, which
 inductor fuses into one weight-streaming kernel on GPUs.
 """
 
@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .configuration_llama2 import Llama2Config
-from .modeling_llama2 import Llama2ForCausalLM
+from .. import torch_internals
+from ..configuration_llama2 import Llama2Config
+from ..modeling_llama2 import Llama2ForCausalLM
 from .cpu_kernels import PackedWeight, fbgemm_int8_linear, reduction_linear, use_reduction
 
 WEIGHTS_NAME = "model.int8.safetensors"
@@ -61,14 +62,11 @@ class Int8Linear(nn.Module):
 
     def _fbgemm_weight(self) -> PackedWeight:
         if self._packed is None:
-            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            torch_internals.require(torch_internals.INT8_CPU)
+            bias = None if self.bias is None else self.bias.detach().float()
             with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm's packing takes one
                 warnings.simplefilter("ignore", UserWarning)
-                qweight = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.weight_scale.double(), zero_points, 0
-                )
-            bias = None if self.bias is None else self.bias.detach().float()
-            self._packed = PackedWeight(torch.ops.quantized.linear_prepack(qweight, bias))
+                self._packed = PackedWeight(torch_internals.fbgemm_pack_int8(self.weight, self.weight_scale, bias))
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin, per-rating accuracy, and the
-combination of the helpfulness and safety scores used to rank samples."""
+"""Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin and per-rating accuracy."""
 
 from dataclasses import dataclass, field
 from typing import Literal
@@ -9,20 +8,17 @@ import torch.nn.functional as F
 from transformers import (
     AutoModelForSequenceClassification,
     EvalPrediction,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
 )
 
-from .chat_format import encode_dialog, tokenizer_encoder
-from .sft import ListDataset, truncate
-from .training import ModelArguments, add_lora, load_tokenizer, read_jsonl, save_final
+from .scoring import encode_response, pad_right, prompt_messages
+from .training import ModelArguments, load_tokenizer, read_jsonl, train, truncate
 
 RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
 # Table 27 of the Llama 2 paper: margin m(rating) per rating, in the order of RATINGS.
 MARGINS = {"small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0), "none": (0.0, 0.0, 0.0, 0.0)}
-SAFETY_THRESHOLD = 0.15
 
 
 @dataclass
@@ -44,50 +40,6 @@ class RewardArguments:
 def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
     """The paper's binary ranking loss, `-log(sigmoid(r_chosen - r_rejected - m(rating)))`, averaged."""
     return -F.logsigmoid(chosen - rejected - margin).mean()
-
-
-def combined_reward(
-    helpfulness: torch.Tensor, safety: torch.Tensor, unsafe_prompt: torch.Tensor, threshold: float = SAFETY_THRESHOLD
-) -> torch.Tensor:
-    """The paper's reward for ranking samples: the safety score where the prompt is marked unsafe or the safety
-    score is below `threshold`, the helpfulness score elsewhere.
-
-    Scores are the reward models' outputs (logits); the threshold applies to their sigmoid, as in the paper. The
-    result stays a logit, i.e. `LOGIT(R_c)`; the paper's whitening only matters for PPO, not for picking a best sample.
-    """
-    use_safety = unsafe_prompt | (torch.sigmoid(safety) < threshold)
-    return torch.where(use_safety, safety, helpfulness)
-
-
-def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`input_ids` and `attention_mask` of token rows padded on the right."""
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-    return input_ids, attention_mask
-
-
-@torch.no_grad()
-def score(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Reward of each token row (a prompt and its response in the chat format)."""
-    input_ids, attention_mask = pad_right(rows, pad_id)
-    return model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits[:, 0]
-
-
-def prompt_messages(prompt: str | list[dict]) -> list[dict]:
-    """A prompt given as text (one user message) or as a dialog ending with a user message."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
-def encode_response(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], response: str
-) -> tuple[list[int], list[int]]:
-    """Token ids (and labels) the reward model reads: the dialog closed by `response` as the assistant's turn."""
-    conversation = [*messages, {"role": "assistant", "content": response}]
-    return encode_dialog(conversation, tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
 def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArguments) -> list[dict]:
@@ -180,20 +132,11 @@ def run_reward_model(
         model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last token that is not padding
         return model
 
-    model = add_lora(load_base(), model_args, task_type="SEQ_CLS")
-    trainer = RewardTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=ListDataset(load_pairs(reward_args.train_file, tokenizer, reward_args)),
-        eval_dataset=ListDataset(load_pairs(reward_args.eval_file, tokenizer, reward_args))
-        if reward_args.eval_file
-        else None,
-        data_collator=PairCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        compute_metrics=ranking_metrics,
-    )
-    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    save_final(trainer, model_args, load_base, metrics)
-    return metrics
+    def pairs(path):
+        return load_pairs(path, tokenizer, reward_args)
+
+    return train(
+        RewardTrainer, model_args, training_args, load_base=load_base, task_type="SEQ_CLS", tokenizer=tokenizer,
+        train_data=pairs(reward_args.train_file), eval_data=pairs(reward_args.eval_file) if reward_args.eval_file else None,
+        data_collator=PairCollator(tokenizer.pad_token_id), compute_metrics=ranking_metrics,
+    )  # fmt: skip

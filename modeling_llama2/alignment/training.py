@@ -1,4 +1,5 @@
-"""What the alignment trainers share: JSONL input, command line, tokenizer, LoRA and the final save.
+"""What the alignment trainers share: JSONL input, command line, tokenizer, truncation, LoRA, the training run and the
+final save.
 
 The scripts in `examples/` are thin wrappers over `run_sft`, `run_reward_model` and `rejection_sample`; this module
 holds the plumbing they would otherwise each repeat.
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch.utils.data import Dataset
 from transformers import (
     AutoTokenizer,
     HfArgumentParser,
@@ -18,6 +20,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+
+from ..chat_format import IGNORE_INDEX
 
 
 @dataclass
@@ -74,9 +78,31 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int,
             yield line_no, record
 
 
-def write_jsonl(path: str, records: list[dict]) -> None:
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int, where: str) -> tuple[list[int], list[int]]:
+    """Cut a sample to `max_length` tokens, refusing when no answer token would be left to learn from."""
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(
+            f"{where}: the prompt alone fills --max-length {max_length} (no answer token left to train on); "
+            "raise --max-length, or shorten or drop this record."
+        )
+    return ids, labels
+
+
+class ListDataset(Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -132,3 +158,35 @@ def save_final(
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:
             json.dump({**metrics, "world_size": trainer.args.world_size}, f, indent=2)
+
+
+def train(
+    trainer_class: type[Trainer],
+    model_args: ModelArguments,
+    training_args: TrainingArguments,
+    *,
+    load_base: Callable[[], PreTrainedModel],
+    task_type: str,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: list,
+    eval_data: list | None,
+    **trainer_kwargs: Any,
+) -> dict:
+    """The run every trainer makes: the base model (with LoRA when asked), training (resumed when asked), evaluation,
+    the final save. Returns the metrics, with the non-padding (useful) tokens per second of this session."""
+    trainer = trainer_class(
+        model=add_lora(load_base(), model_args, task_type),
+        args=training_args,
+        train_dataset=ListDataset(train_data),
+        eval_dataset=ListDataset(eval_data) if eval_data is not None else None,
+        processing_class=tokenizer,
+        **trainer_kwargs,
+    )
+    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
+    # Non-padding tokens (every token when packed) per second in this session (a resumed run counts from its start).
+    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    metrics["train_useful_tokens_per_second"] = tokens / metrics["train_runtime"]
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    save_final(trainer, model_args, load_base, metrics)
+    return metrics

@@ -21,14 +21,15 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
   MKL for the small ones.
 
 oneDNN's linear, and fbgemm's int8 linear for `quantization.Int8Linear`, reach a compiled graph as custom ops;
-fbgemm's prepacked weight (a TorchScript object) travels into its op as an opaque object.
+fbgemm's prepacked weight (a TorchScript object) travels into its op as an opaque object. The private torch APIs
+behind them are reached through `torch_internals`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._library.opaque_object import register_opaque_type
-from torch._opaque_base import OpaqueBase
+
+from .. import torch_internals
 
 MIN_ONEDNN_ELEMENTS = 2**19  # 768 x 768 and larger: below this oneDNN's per-call cost outweighs its faster GEMV
 MAX_REDUCTION_ROWS = 1
@@ -51,7 +52,7 @@ def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("modeling_llama2::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ W^T` through oneDNN (as fast on the plain row-major weight as on its prepacked layout)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
+    y = torch_internals.onednn_linear_2d(x.reshape(-1, x.shape[-1]), weight)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -60,7 +61,8 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-class PackedWeight(OpaqueBase):
+@torch_internals.register_opaque
+class PackedWeight(torch_internals.opaque_base()):
     """A linear weight in a kernel's own layout (fbgemm's int8 pack). It is never written after packing, so
     copies of a module share it."""
 
@@ -80,21 +82,20 @@ def _unpickle_packed_weight(kind: str) -> None:
     raise RuntimeError(f"A packed linear weight ({kind}) cannot be restored from a pickle: pack it again.")
 
 
-register_opaque_type(PackedWeight, typ="reference")
-
-
-@torch.library.custom_op("modeling_llama2::fbgemm_int8_linear", mutates_args=())
 def fbgemm_int8_linear(x: torch.Tensor, weight: PackedWeight, out_features: int) -> torch.Tensor:
     """`x @ W^T + b` for an fbgemm int8 pack of `W` and `b`."""
-    # reduce_range=False keeps 8-bit activations (True: 7), which cut the logit error here by 40%; it relies on
-    # VNNI's int32 accumulation, as fbgemm's int16 pair sums can saturate without it.
-    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), weight.packed, False)
+    y = torch_internals.fbgemm_int8_linear_2d(x.reshape(-1, x.shape[-1]), weight.packed)
     return y.view(*x.shape[:-1], out_features)
 
 
-@fbgemm_int8_linear.register_fake
-def _(x: torch.Tensor, weight: PackedWeight, out_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
+if torch_internals.available(torch_internals.INT8_CPU):  # an opaque argument needs opaque objects to be registered
+    fbgemm_int8_linear = torch.library.custom_op("modeling_llama2::fbgemm_int8_linear", mutates_args=())(
+        fbgemm_int8_linear
+    )
+
+    @fbgemm_int8_linear.register_fake
+    def _(x: torch.Tensor, weight: PackedWeight, out_features: int) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
 
 
 class CPULinear(nn.Linear):
@@ -120,6 +121,7 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     as before."""
     if not torch.backends.mkldnn.is_available():
         raise RuntimeError("`use_cpu_kernels` needs a torch built with oneDNN (mkldnn); this one has none.")
+    torch_internals.require(torch_internals.FAST_CPU)
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
             module.__class__ = CPULinear

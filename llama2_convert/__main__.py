@@ -1,4 +1,4 @@
-"""`llama2-convert` / `python -m conversion`: Meta and llama2.c checkpoints to Hugging Face and back."""
+"""`llama2-convert` / `python -m llama2_convert`: Meta and llama2.c checkpoints to Hugging Face and back."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ samples packed into fixed-length rows with attention kept inside each sample."""
 import bisect
 from dataclasses import dataclass, field
 
-from torch.utils.data import Dataset
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForSeq2Seq,
@@ -14,8 +13,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from .chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
-from .training import ModelArguments, add_lora, load_tokenizer, read_jsonl, save_final
+from ..chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
+from .training import ModelArguments, load_tokenizer, read_jsonl, train, truncate
 
 
 @dataclass
@@ -35,17 +34,6 @@ def record_to_messages(record: dict) -> list[dict]:
     if "prompt" in record and "response" in record:
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     raise ValueError(f'need "messages" or both "prompt" and "response", got fields {sorted(record)}')
-
-
-def truncate(ids: list[int], labels: list[int], max_length: int, where: str) -> tuple[list[int], list[int]]:
-    """Cut a sample to `max_length` tokens, refusing when no answer token would be left to learn from."""
-    ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError(
-            f"{where}: the prompt alone fills --max-length {max_length} (no answer token left to train on); "
-            "raise --max-length, or shorten or drop this record."
-        )
-    return ids, labels
 
 
 def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
@@ -112,17 +100,6 @@ def sft_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-class ListDataset(Dataset):
-    def __init__(self, items: list):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
-
-
 def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: TrainingArguments) -> dict:
     """Fine-tune `model_args.model` on `sft_args.train_file`; save the model and `metrics.json` in the output
     directory. Returns the metrics."""
@@ -133,26 +110,12 @@ def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: T
             model_args.model, attn_implementation=model_args.attn_implementation
         )
 
-    model = add_lora(load_base(), model_args, task_type="CAUSAL_LM")
-
     def dataset(path):
         samples = load_sft_samples(path, tokenizer, sft_args.max_length)
-        return ListDataset(pack(samples, sft_args.max_length) if sft_args.packing else samples)
+        return pack(samples, sft_args.max_length) if sft_args.packing else samples
 
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset(sft_args.train_file),
-        eval_dataset=dataset(sft_args.eval_file) if sft_args.eval_file else None,
+    return train(
+        Trainer, model_args, training_args, load_base=load_base, task_type="CAUSAL_LM", tokenizer=tokenizer,
+        train_data=dataset(sft_args.train_file), eval_data=dataset(sft_args.eval_file) if sft_args.eval_file else None,
         data_collator=sft_collator(tokenizer, sft_args.packing),
-        processing_class=tokenizer,
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = dict(result.metrics)
-    # Non-padding tokens (every token when packed) per second in this session (a resumed run counts from its start).
-    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
-    metrics["train_useful_tokens_per_second"] = tokens / metrics["train_runtime"]
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    save_final(trainer, model_args, load_base, metrics)
-    return metrics
+    )  # fmt: skip

@@ -7,9 +7,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import decoding
-from .chat_format import encode_dialog, tokenizer_encoder
-from .reward import combined_reward, encode_response, prompt_messages, score
+from ..chat_format import encode_dialog, tokenizer_encoder
+from ..inference import decoding
+from .scoring import combined_reward, encode_response, prompt_messages, score
 from .training import read_jsonl
 
 
@@ -57,8 +57,9 @@ def sample_responses(
     if compile:  # one compiled step per bucket; eager steps attend over fewer empty slots without one
         length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
     samples = decoding.sample_n(
-        model, torch.tensor([prompt_ids], device=model.device), n, max_new_tokens, temperature, eos[0], pad_token_id,
-        max_cache_len=length, compile=compile, top_p=top_p,
+        model, torch.tensor([prompt_ids], device=model.device), n=n, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, eos_token_id=eos[0], pad_token_id=pad_token_id, max_cache_len=length,
+        compile=compile,
     )  # fmt: skip
     responses = []
     for row in samples[:, len(prompt_ids) :].tolist():

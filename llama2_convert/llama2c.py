@@ -1,7 +1,7 @@
 """Karpathy's llama2.c checkpoints: the training `ckpt.pt` and the `.bin` files `run.c` reads.
 
 llama2.c's model is Meta's (same tensor names, same interleaved rotary pairs, embedding and output tied
-during training), so both formats become a one-shard Meta state dict and go through `meta`.
+during training), so both formats become a one-shard Meta state dict and go through `meta`'s merge.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from modeling_llama2 import Llama2Config
 
 from . import ConversionError
 from .hf import DTYPES, check_output_dir, parse_size, save_hf_checkpoint
-from .meta import config_from_params, ffn_dim, ffn_params, find_tokenizer, merged_tensors, torch_load, weights
+from .layout import config_from_params, ffn_dim, ffn_params, merged_tensors, weights
+from .meta import find_tokenizer, torch_load
 
 MAGIC = 0x616B3432  # "ak42", which starts version 1 and later `.bin` exports
 HEADER_V1 = 256

@@ -1,4 +1,4 @@
-"""Llama 2's sentencepiece `tokenizer.model` as a fast `tokenizer.json`, plus the chat template.
+"""Llama 2's sentencepiece `tokenizer.model` as a fast `tokenizer.json`, with the chat template for chat models.
 
 transformers' own converter prepends the dummy-prefix space only when the text does not already
 start with one and splits on spaces, so it disagrees with sentencepiece on leading and repeated
@@ -15,30 +15,9 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from modeling_llama2.chat_format import CHAT_TEMPLATE
+
 SPACE = "\u2581"  # sentencepiece's visible space, "▁"
-
-# Meta's `chat_completion` formatting (llama/generation.py): every finished exchange is
-# `<s>[INST] {user} [/INST] {answer} </s>`, the system prompt is folded into the first user turn,
-# and the prompt ends with the open `<s>[INST] {user} [/INST]`. The `<s>`/`</s>` are the special
-# tokens themselves, and the text after each of them gets sentencepiece's dummy prefix space.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{% set messages = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% endif %}"
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Roles must alternate user/assistant/user/..., after an optional system message.') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'user' %}"
-    "{% set content = (system + message['content']) if loop.first else message['content'] %}"
-    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
-    "{% else %}"
-    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-)
-
 
 def build_fast_tokenizer(model_file: str | Path) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece BPE model."""

@@ -7,14 +7,14 @@ as the matrix products. Here the prompt is prefilled eagerly into a `DynamicCach
 empty slots, no recompile per prompt length), its keys and values are copied into a `StaticCache`, and the
 decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph of fixed shapes.
 
-Best-of-N prefills the prompt once and broadcasts its cache rows to the N samples, instead of prefilling N
+`sample_n` prefills the prompt once and broadcasts its cache rows to the N samples, instead of prefilling N
 copies of the same prompt as `generate(num_return_sequences=N)` does.
 """
 
-from collections.abc import Callable
-
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
+
+from .. import torch_internals
 
 
 def select_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -111,6 +111,7 @@ def decode(
     model: PreTrainedModel,
     logits: torch.Tensor,
     cache: StaticCache,
+    *,
     max_new_tokens: int,
     temperature: float = 0.0,
     eos_token_id: int | None = None,
@@ -134,7 +135,7 @@ def decode(
         slots_mask[:, : attention_mask.shape[1]] = attention_mask
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
-    with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_STEPS):
+    with torch_internals.recompile_limit(MAX_COMPILED_STEPS):
         for i in range(max_new_tokens):
             out[:, i] = tokens.masked_fill(finished, pad_token_id)
             if eos_token_id is not None:
@@ -159,8 +160,10 @@ def _first_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 def generate(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
+    *,
     max_new_tokens: int,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     max_cache_len: int | None = None,
@@ -168,15 +171,15 @@ def generate(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prompt plus continuation, (batch, prompt + new); at temperature 0 the tokens of
-    `model.generate(input_ids, attention_mask=attention_mask, do_sample=False, ...)`. Prompts of different lengths
-    are left-padded, with their `attention_mask`. The compiled step is specialized to the cache's shape: pass one
-    `max_cache_len` for all calls to compile once."""
+    `model.generate(input_ids, attention_mask=attention_mask, do_sample=False, ...)`, else samples (nucleus
+    sampling below `top_p` < 1). Prompts of different lengths are left-padded, with their `attention_mask`. The
+    compiled step is specialized to the cache's shape: pass one `max_cache_len` for all calls to compile once."""
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
     logits, cache = prefill(model, input_ids, max_cache_len, attention_mask=attention_mask)
     new = decode(
-        model, logits, cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile,
-        attention_mask=attention_mask,
-    )
+        model, logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile, attention_mask=attention_mask,
+    )  # fmt: skip
     return torch.cat([input_ids, new], dim=1)
 
 
@@ -184,6 +187,7 @@ def generate(
 def sample_n(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
+    *,
     n: int,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -200,21 +204,7 @@ def sample_n(
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
     logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
     new = decode(
-        model, logits.expand(n, -1), cache, max_new_tokens, temperature, eos_token_id, pad_token_id, compile, top_p
-    )
+        model, logits.expand(n, -1), cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile,
+    )  # fmt: skip
     return torch.cat([input_ids.expand(n, -1), new], dim=1)
-
-
-def best_of_n(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    n: int,
-    score: Callable[[torch.Tensor], torch.Tensor],
-    max_new_tokens: int,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The highest-scoring of `n` samples (`sample_n`; `kwargs` go there) and all their scores; `score` maps
-    (n, length) sequences to (n,) scores, e.g. a reward model's."""
-    samples = sample_n(model, input_ids, n, max_new_tokens, **kwargs)
-    scores = score(samples)
-    return samples[scores.argmax()], scores

@@ -1,0 +1,80 @@
+"""Llama 2's causal-LM loss: transformers' `ForCausalLMLoss`, same arguments and value, without its logits-sized
+copies.
+
+This file is copied beside saved weights with the model's, for `trust_remote_code=True`: it imports only torch and
+transformers.
+"""
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+
+class TokenCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (tokens, vocab) logits over the targets that are not `ignore_index`, divided by
+    `divisor`, saving only each token's log-sum-exp for the backward pass.
+
+    `F.cross_entropy` saves the whole log-softmax and allocates two more logits-sized tensors in its backward;
+    a Llama's logits are its largest activation (32000 floats a token), so those copies are most of the loss's
+    memory and, on a CPU, a tenth of a small model's training step. Here both passes go over blocks of rows that
+    stay in cache, and the gradient, softmax minus one-hot, is written once. Values and gradients equal
+    `F.cross_entropy`'s up to float rounding, in fp32 whatever the logits' dtype."""
+
+    @staticmethod
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, divisor: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        counted = targets != ignore_index
+        targets = torch.where(counted, targets, 0)
+        rows = _loss_block_rows(logits)
+        log_sum_exp = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(rows)])
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
+        divisor = counted.sum() if divisor is None else torch.as_tensor(divisor, device=logits.device)
+        ctx.save_for_backward(logits, targets, counted, log_sum_exp, divisor)
+        return torch.where(counted, log_sum_exp - target_logits, 0.0).sum() / divisor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, targets, counted, log_sum_exp, divisor = ctx.saved_tensors
+        row_scale = torch.where(counted, grad_loss / divisor, 0.0)
+        grad = torch.empty_like(logits)
+        rows = _loss_block_rows(logits)
+        fp32 = logits.dtype == torch.float32
+        buffer = None if fp32 else logits.new_empty((min(rows, logits.shape[0]), logits.shape[1]), dtype=torch.float32)
+        for start in range(0, logits.shape[0], rows):
+            block = slice(start, start + rows)
+            out = grad[block] if fp32 else buffer[: grad[block].shape[0]]
+            # d loss / d logits = (softmax(logits) - one_hot(target)) * grad_loss / divisor, zero on ignored rows
+            torch.sub(logits[block], log_sum_exp[block, None], out=out).exp_().mul_(row_scale[block, None])
+            out.scatter_add_(1, targets[block, None], -row_scale[block, None])
+            if not fp32:
+                grad[block] = out
+        return grad, None, None, None
+
+
+def _loss_block_rows(logits: torch.Tensor) -> int:
+    """Rows per block of the loss: about 2 MB of fp32 on a CPU (cache-sized), a few large kernels elsewhere."""
+    elements = 2**19 if logits.device.type == "cpu" else 2**26
+    return max(1, elements // logits.shape[-1])
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss`, same arguments and value: next-token cross-entropy, averaged over the
+    counted tokens or summed and divided by `num_items_in_batch` (gradient accumulation), computed in fp32
+    by `TokenCrossEntropy`. Under `torch.compile` it is transformers' own, which inductor fuses by itself."""
+    if torch.compiler.is_compiling():
+        return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs)
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    return TokenCrossEntropy.apply(logits, shift_labels.reshape(-1).to(logits.device), ignore_index, num_items_in_batch)

@@ -1,0 +1,108 @@
+"""Every private torch API this project uses, reached here and nowhere else.
+
+None of them has a public equivalent in the torch versions the package supports (the comment at each says why). A
+torch release may move any of them, and that must not stop `import modeling_llama2` or the converter: what is
+missing is recorded at import, and only the feature that needs it fails, when it is used, with one message that
+names the torch versions it was written for.
+"""
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+WRITTEN_FOR = "torch >= 2.13, < 2.15"
+FAST_CPU = "the CPU kernels (`use_cpu_kernels`)"
+INT8_CPU = "fbgemm's int8 linear (`quantize_int8` on a CPU)"
+META_EXPORT = "`hf-to-meta`"
+
+_missing: dict[str, list[str]] = {}  # feature -> what this torch lacks of what it needs
+
+try:
+    # fbgemm's prepacked int8 weight is a TorchScript object; registering an opaque type is the only way to pass such
+    # an object through a `torch.compile` graph into a custom op.
+    from torch._library.opaque_object import register_opaque_type
+    from torch._opaque_base import OpaqueBase
+except ImportError:
+    _missing.setdefault(INT8_CPU, []).append("torch._library.opaque_object")
+    OpaqueBase = None
+    register_opaque_type = None
+
+try:
+    # `hf-to-meta` writes each shard as a data-less skeleton (`skip_data`) and fills it through a memory map. That
+    # needs tensors with a dtype and shape but no storage that `torch.save` still writes as real tensors: fake
+    # tensors; meta tensors would be saved as meta tensors.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+except ImportError:
+    _missing.setdefault(META_EXPORT, []).append("torch._subclasses.fake_tensor")
+    FakeTensorMode = None
+
+
+def _has_op(namespace: str, name: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, namespace), name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+for _feature, _namespace, _name in [
+    (FAST_CPU, "mkldnn", "_linear_pointwise"),
+    (INT8_CPU, "quantized", "linear_dynamic"),
+    (INT8_CPU, "quantized", "linear_prepack"),
+]:
+    if not _has_op(_namespace, _name):
+        _missing.setdefault(_feature, []).append(f"torch.ops.{_namespace}.{_name}")
+
+
+def require(feature: str) -> None:
+    """Raise one clear error if this torch lacks a private API that `feature` needs."""
+    if feature in _missing:
+        raise RuntimeError(
+            f"{feature} needs {', '.join(_missing[feature])}, which torch {torch.__version__} lacks; it was written "
+            f"for {WRITTEN_FOR}. Install a torch in that range, or do without {feature}."
+        )
+
+
+def available(feature: str) -> bool:
+    return feature not in _missing
+
+
+def onednn_linear_2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight^T` for 2-D `x` through oneDNN: `F.linear` on a CPU calls MKL, and oneDNN's linear is reachable only
+    as this private operator (the one inductor's own CPU lowering calls)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def fbgemm_int8_linear_2d(x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    """fbgemm's dynamic int8 linear on a prepacked weight: the kernel behind the deprecated `torch.ao` dynamic
+    quantization, which has no other public entry point for a weight packed once."""
+    # reduce_range=False keeps 8-bit activations (True: 7), which cut the logit error here by 40%; it relies on
+    # VNNI's int32 accumulation, as fbgemm's int16 pair sums can saturate without it.
+    return torch.ops.quantized.linear_dynamic(x, packed, False)
+
+
+def fbgemm_pack_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """fbgemm's prepacked form of an int8 weight with one scale per output row (and a float bias)."""
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    # The packing takes a per-channel quantized tensor; only this private constructor makes one from int8 values
+    # that are already quantized (`torch.quantize_per_channel` would round a float copy again).
+    qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(qweight, bias)
+
+
+def recompile_limit(limit: int) -> contextlib.AbstractContextManager:
+    """Let dynamo keep up to `limit` graphs of one function (its default is 8); torch has no public setting for it."""
+    return torch._dynamo.config.patch(recompile_limit=limit)
+
+
+def opaque_base() -> type:
+    """Base class of an object a compiled graph passes through to a custom op unchanged (`object` where this torch
+    has no opaque objects: such a class then cannot reach a compiled graph, and `require(INT8_CPU)` says why)."""
+    return OpaqueBase or object
+
+
+def register_opaque(cls: type) -> Callable:
+    if register_opaque_type is not None:
+        register_opaque_type(cls, typ="reference")
+    return cls
