@@ -1,4 +1,5 @@
-"""Inference speed of `modeling_llama2.decoding` (static cache, compiled step; fp32 weights through `nn.Linear` or
+"""Inference speed of `modeling_llama2.inference.decoding` (static cache, compiled step; fp32 weights through
+`nn.Linear` or
 `cpu_kernels.use_cpu_kernels`'s kernels, or int8 weights) against
 transformers' `LlamaForCausalLM` of the same shape and weights, in one process.
 
@@ -83,35 +84,56 @@ def main() -> None:
         return lambda: decoding.generate(model, prompt[batch], max_new_tokens=new)
 
     workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
-        "decode1": ("decode b=1", new, {
-            "transformers": hf(1),
-            "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
-            "ours compiled": fast(ours, 1),
-            "ours cpu kernels": fast(kernels, 1),
-            "ours int8": fast(int8, 1),
-        }),
-        "decode8": ("decode b=8", 8 * new, {
-            "transformers": hf(8),
-            "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
-            "ours compiled": fast(ours, 8),
-            "ours cpu kernels": fast(kernels, 8),
-            "ours int8": fast(int8, 8),
-        }),
-        "prefill": ("prefill 1x512", 512, {
-            "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
-            "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
-            "ours cpu kernels": lambda: decoding.prefill(kernels, long_prompt, 512 + new),
-            "ours int8": lambda: decoding.prefill(int8, long_prompt, 512 + new),
-        }),
-        "best-of": (f"best-of-{n}, 256 + {new}", n, {
-            "transformers": lambda: ref.generate(
-                bo_prompt, do_sample=True, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
-                top_k=0, pad_token_id=0,
-            ),
-            "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n=n, max_new_tokens=new),
-            "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n=n, max_new_tokens=new),
-            "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n=n, max_new_tokens=new),
-        }),
+        "decode1": (
+            "decode b=1",
+            new,
+            {
+                "transformers": hf(1),
+                "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
+                "ours compiled": fast(ours, 1),
+                "ours cpu kernels": fast(kernels, 1),
+                "ours int8": fast(int8, 1),
+            },
+        ),
+        "decode8": (
+            "decode b=8",
+            8 * new,
+            {
+                "transformers": hf(8),
+                "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
+                "ours compiled": fast(ours, 8),
+                "ours cpu kernels": fast(kernels, 8),
+                "ours int8": fast(int8, 8),
+            },
+        ),
+        "prefill": (
+            "prefill 1x512",
+            512,
+            {
+                "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
+                "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
+                "ours cpu kernels": lambda: decoding.prefill(kernels, long_prompt, 512 + new),
+                "ours int8": lambda: decoding.prefill(int8, long_prompt, 512 + new),
+            },
+        ),
+        "best-of": (
+            f"best-of-{n}, 256 + {new}",
+            n,
+            {
+                "transformers": lambda: ref.generate(
+                    bo_prompt,
+                    do_sample=True,
+                    num_return_sequences=n,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    top_k=0,
+                    pad_token_id=0,
+                ),
+                "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n=n, max_new_tokens=new),
+                "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n=n, max_new_tokens=new),
+                "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n=n, max_new_tokens=new),
+            },
+        ),
     }
     workloads = {key: workloads[key] for key in args.workloads.split(",")}
 
@@ -120,7 +142,9 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         # Also the warm-up (and compiles), all before any timing so that a failure shows early.
-        memory = {key: {v: peak_rss_rise(fn) for v, fn in variants.items()} for key, (_, _, variants) in workloads.items()}
+        memory = {
+            key: {v: peak_rss_rise(fn) for v, fn in variants.items()} for key, (_, _, variants) in workloads.items()
+        }
         for key, (name, units, variants) in workloads.items():
             result = paired_ratios(variants, baseline="transformers", rounds=args.rounds)
             for variant, r in result.items():
@@ -132,10 +156,16 @@ def main() -> None:
                 else:
                     limit = units / (prefill_flops(config, 256) / flops + new * step_bytes / bandwidth)
                 speed = units / r["seconds"]
-                rows.append([
-                    name, variant, f"{speed:.1f}", f"{speed / limit:.2f}",
-                    f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", f"{memory[key][variant]:.0f}",
-                ])
+                rows.append(
+                    [
+                        name,
+                        variant,
+                        f"{speed:.1f}",
+                        f"{speed / limit:.2f}",
+                        f"{r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]",
+                        f"{memory[key][variant]:.0f}",
+                    ]
+                )
                 print(" | ".join(rows[-1]), flush=True)  # progress: a run takes many minutes on a busy machine
 
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))

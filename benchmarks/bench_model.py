@@ -21,7 +21,9 @@ SHAPES = {
     # llama2.c's stories15M
     "15m": dict(hidden_size=288, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768),
     # a 125M GQA shape
-    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048),
+    "125m": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048
+    ),
 }
 
 
@@ -44,9 +46,7 @@ def workloads(model, batch_prompt: dict[int, torch.Tensor], train_ids: torch.Ten
     def decode(batch: int):
         @torch.no_grad()
         def run():
-            model.generate(
-                batch_prompt[batch], max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0
-            )
+            model.generate(batch_prompt[batch], max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
 
         return run
 
@@ -85,7 +85,9 @@ def main() -> None:
 
     rows = []
     for name, (fn, tokens) in ours_work.items():
-        result = paired_ratios({"transformers": ref_work[name][0], "ours": fn}, baseline="transformers", rounds=args.rounds)
+        result = paired_ratios(
+            {"transformers": ref_work[name][0], "ours": fn}, baseline="transformers", rounds=args.rounds
+        )
         t, o = result["transformers"], result["ours"]
         rows.append(
             [

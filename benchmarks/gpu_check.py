@@ -23,12 +23,24 @@ from modeling_llama2 import Llama2Config, Llama2ForCausalLM
 from modeling_llama2.inference import decoding
 
 SMALL = dict(
-    vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
 )
 SHAPE_125M = dict(
-    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-    num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
 )
 
 
@@ -84,7 +96,9 @@ def compiled_decoding() -> str:
     mask = torch.ones_like(ids)
     mask[1, :5], mask[3, :9] = 0, 0  # left padding
     ids = ids.masked_fill(mask == 0, 0)
-    padded = torch.equal(decoding.generate(ours, ids, max_new_tokens=48, attention_mask=mask), greedy(ours, ids, mask, 48))
+    padded = torch.equal(
+        decoding.generate(ours, ids, max_new_tokens=48, attention_mask=mask), greedy(ours, ids, mask, 48)
+    )
     samples = decoding.sample_n(ours, ids[:1], n=16, max_new_tokens=32, temperature=1.0)
     return (
         f"fp32 compiled greedy == generate: {same}, left-padded: {padded}; "
@@ -102,7 +116,8 @@ def int8() -> str:
         ref, out = ours(ids).logits, quantized(ids).logits
     eager = decoding.generate(quantized, ids[:, :16], max_new_tokens=32, compile=False)
     compiled = decoding.generate(quantized, ids[:, :16], max_new_tokens=32)
-    return f"int8 logit rel L2 error {((out - ref).norm() / ref.norm()).item():.4f}; compiled tokens == eager: {torch.equal(eager, compiled)}"
+    error = ((out - ref).norm() / ref.norm()).item()
+    return f"int8 logit rel L2 error {error:.4f}; compiled tokens == eager: {torch.equal(eager, compiled)}"
 
 
 def loss() -> str:
@@ -145,7 +160,10 @@ def timed(fn, rounds: int) -> float:
 def speed(rounds: int, new: int) -> None:
     ours, ref = pair(SHAPE_125M, torch.bfloat16)
     compiled = CompileConfig(fullgraph=True)
-    print(f"\n125M GQA, bf16, {new} new tokens after a 16-token prompt, median of {rounds}; {torch.cuda.get_device_name()}")
+    print(
+        f"\n125M GQA, bf16, {new} new tokens after a 16-token prompt, median of {rounds}; "
+        f"{torch.cuda.get_device_name()}"
+    )
     print("| batch | variant | tok/s | vs transformers |\n| ---: | --- | ---: | ---: |")
     for batch in (1, 8):
         ids = torch.randint(3, 32000, (batch, 16), device="cuda")

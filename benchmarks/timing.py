@@ -68,7 +68,7 @@ def paired_ratios(
             seconds[name].append(best_of(variants[name], repeats))
     result = {}
     for name in names:
-        ratios = [b / v for b, v in zip(seconds[baseline], seconds[name])]
+        ratios = [b / v for b, v in zip(seconds[baseline], seconds[name], strict=False)]
         result[name] = {
             "seconds": statistics.median(seconds[name]),
             "ratio": statistics.median(ratios),
@@ -99,10 +99,10 @@ def peak_rss_rise(fn, calls: int = 1) -> float:
 
 
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"
 
     print(f"\n{title}\n")
     print(line(headers))

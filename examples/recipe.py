@@ -177,7 +177,8 @@ def train_tokenizer(data_dir: Path, path: Path) -> None:
 
 
 def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Sizes) -> None:
-    """Next-token prediction on the raw text, packed into rows of PRETRAIN_ROW tokens (each line between BOS and EOS)."""
+    """Next-token prediction on the raw text, packed into rows of PRETRAIN_ROW tokens (each line between BOS and
+    EOS)."""
     tokenizer = save_tokenizer(tokenizer_file, output_dir, chat=False, model_max_length=CONTEXT)
     config = Llama2Config(
         vocab_size=len(tokenizer), hidden_size=sizes.hidden_size, intermediate_size=ffn_dim(sizes.hidden_size, 32),
@@ -268,7 +269,10 @@ def evaluate(model_dir: Path, problems: list[Problem], prompts: list[str]) -> di
 
 def mean_reward(reward_model, tokenizer, prompts: list[str], answers: list[str]) -> float:
     """Mean helpfulness reward (sigmoid of the score, as rejection sampling reports it) of answers to prompts."""
-    rows = [encode_response(tokenizer, [{"role": "user", "content": p}], a)[0] for p, a in zip(prompts, answers)]
+    rows = [
+        encode_response(tokenizer, [{"role": "user", "content": p}], a)[0]
+        for p, a in zip(prompts, answers, strict=True)
+    ]
     scores = [score(reward_model, rows[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(rows), 64)]
     return torch.sigmoid(torch.cat(scores)).mean().item()
 
@@ -277,7 +281,8 @@ def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
     """Per N: mean max and median reward over prompts (paper's Figure 7), and how often the reward model's favourite
     of the first N samples, and any of them, is right (checked against the right answers, for the report only)."""
     rewards = torch.tensor([[sample["reward"] for sample in record["samples"]] for record in records])
-    right = torch.tensor([[is_correct(p, s["response"]) for s in r["samples"]] for r, p in zip(records, problems)])
+    pairs = zip(records, problems, strict=True)
+    right = torch.tensor([[is_correct(p, s["response"]) for s in r["samples"]] for r, p in pairs])
     curve = reward_curve(rewards)
     for point in curve:
         n = point["n"]
@@ -358,8 +363,8 @@ def main() -> None:
     policy = load_policy(out / "sft")
     reward_model = AutoModelForSequenceClassification.from_pretrained(out / "reward_model").eval()
     sampling = SamplingArguments(
-        prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=TEMPERATURE, top_p=1.0,
-        max_new_tokens=16, compile=COMPILE,
+        prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=TEMPERATURE,
+        top_p=1.0,        max_new_tokens=16, compile=COMPILE,
     )  # fmt: skip
     prompts = load_prompts(sampling.prompts)
     records = rejection_sample(policy, tokenizer, {"helpfulness": reward_model}, prompts, sampling)
@@ -389,7 +394,7 @@ def main() -> None:
 
     print("\n== 6. chatting with the result through pipeline('text-generation') ==")
     chat = chat_pipeline(out / "rejection_sampling")
-    for prompt, problem in list(zip(eval_prompts, problems["eval"]))[:3]:
+    for prompt, problem in list(zip(eval_prompts, problems["eval"], strict=False))[:3]:
         messages = [{"role": "user", "content": prompt}]
         reply = chat(messages, max_new_tokens=16, do_sample=False)[0]["generated_text"][-1]["content"]
         print(f"user: {prompt}\nassistant: {reply}   [{'right' if is_correct(problem, reply) else 'wrong'}]")

@@ -160,13 +160,16 @@ def merged_tensors(shards: list[dict[str, torch.Tensor]], sources: list[str], co
     Face tensors, each merged from the shards only when it is written."""
     specs = weights(config)
     expected = {w.meta for w in specs}
-    for shard, source in zip(shards, sources):
+    for shard, source in zip(shards, sources, strict=False):
         found = set(shard) - IGNORED_KEYS
         if missing := sorted(expected - found):
-            raise ConversionError(f"{source} lacks {some_names(missing)}: it does not hold the model params.json describes.")
+            raise ConversionError(
+                f"{source} lacks {some_names(missing)}: it does not hold the model params.json describes."
+            )
         if extra := sorted(found - expected):
             raise ConversionError(
-                f"{source} has unexpected tensors {some_names(extra)}: it does not hold the model params.json describes."
+                f"{source} has unexpected tensors {some_names(extra)}: it does not hold the model params.json "
+                "describes."
             )
         for w in specs:
             if tuple(shard[w.meta].shape) != w.shard_shape(len(shards)):
@@ -186,7 +189,7 @@ def merged_tensors(shards: list[dict[str, torch.Tensor]], sources: list[str], co
 
 def _merge(w: Weight, pieces: list[torch.Tensor], sources: list[str]) -> torch.Tensor:
     if w.axis is None:
-        for piece, source in zip(pieces[1:], sources[1:]):
+        for piece, source in zip(pieces[1:], sources[1:], strict=False):
             if not torch.equal(piece, pieces[0]):
                 raise ConversionError(
                     f"{w.meta} differs between {sources[0]} and {source}, though every shard holds a copy of "

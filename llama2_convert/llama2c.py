@@ -113,7 +113,8 @@ def read_bin(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[str
             "the file is truncated or not a llama2.c export."
         )
     data = torch.from_file(str(path), shared=False, size=path.stat().st_size // 4, dtype=torch.float32)
-    state = {name: chunk.view(shapes[name]) for name, chunk in zip(order, data[offset // 4 :].split(sizes))}
+    chunks = zip(order, data[offset // 4 :].split(sizes), strict=True)
+    state = {name: chunk.view(shapes[name]) for name, chunk in chunks}
     for name in ("freqs_cos", "freqs_sin"):
         state.pop(name, None)  # version 0's precomputed RoPE tables
     if shared:

@@ -172,7 +172,7 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int
             if w.rotary_heads:
                 tensor = to_interleaved(tensor, w.rotary_heads)
             pieces = [tensor] * num_shards if w.axis is None else tensor.chunk(num_shards, dim=w.axis)
-            for shard, piece in zip(shards, pieces):
+            for shard, piece in zip(shards, pieces, strict=False):
                 shard[w.meta].copy_(piece)
         del shards  # unmapping writes the filled pages back to the files
         tokenizer = input_dir / "tokenizer.model"

@@ -19,6 +19,7 @@ from modeling_llama2.chat_format import CHAT_TEMPLATE
 
 SPACE = "\u2581"  # sentencepiece's visible space, "▁"
 
+
 def build_fast_tokenizer(model_file: str | Path) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes and decodes like the sentencepiece BPE model."""
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))

@@ -35,9 +35,9 @@ def test_system_and_multi_turn_masking(encode):
     turn2 = encode("[INST] the dog? [/INST] blue ")
     assert ids == [BOS] + turn1 + [EOS, BOS] + turn2 + [EOS]
     # Exactly the answers and their EOS are learned: every system and user token is masked.
-    learned = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+    learned = [token for token, label in zip(ids, labels, strict=False) if label != IGNORE_INDEX]
     assert learned == encode("red ") + [EOS] + encode("blue ") + [EOS]
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=False))
 
 
 def test_dialog_ending_with_user_is_a_generation_prompt(encode):

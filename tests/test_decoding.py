@@ -87,7 +87,7 @@ def test_shared_prefix_cache_equals_prefilling_every_row(model):
     logits, shared = prefill(model, ids, max_cache_len=32, batch_size=4)
     repeated_logits, repeated = prefill(model, ids.expand(4, -1), max_cache_len=32)
     torch.testing.assert_close(logits.expand(4, -1), repeated_logits, atol=1e-5, rtol=1e-5)
-    for a, b in zip(shared.layers, repeated.layers):
+    for a, b in zip(shared.layers, repeated.layers, strict=False):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
         assert int(a.cumulative_length) == int(b.cumulative_length) == 11

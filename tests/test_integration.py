@@ -113,7 +113,9 @@ def test_trust_remote_code_without_the_package(tmp_path, tiny_model):
 def test_hub_llama_checkpoint_loads_into_llama2(tmp_path):
     """A `LlamaForCausalLM` directory as on the Hub (`model_type: "llama"`, legacy `rope_theta` key)."""
     torch.manual_seed(0)
-    reference = LlamaForCausalLM(LlamaConfig(**{**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}))
+    reference = LlamaForCausalLM(
+        LlamaConfig(**{**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    )
     reference.eval().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config.pop("rope_parameters")
@@ -201,7 +203,9 @@ def test_reward_head_falls_back_to_pad_token_id():
         right_padded = model(torch.tensor([[1, 5, 6, 0, 0], [1, 7, 8, 9, 10]])).logits
     torch.testing.assert_close(right_padded[:1], alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="attention_mask"):
-        Llama2ForSequenceClassification(tiny_config(num_labels=1, pad_token_id=None))(torch.ones(2, 3, dtype=torch.long))
+        Llama2ForSequenceClassification(tiny_config(num_labels=1, pad_token_id=None))(
+            torch.ones(2, 3, dtype=torch.long)
+        )
 
 
 peft = pytest.importorskip("peft")

@@ -46,7 +46,9 @@ def test_rope_scaling_matches_transformers(name):
     ours, ref = model_pair(rope_parameters=dict(rope))
     input_ids = torch.randint(1, TINY["vocab_size"], (2, 200))
     torch.testing.assert_close(logits(ours, input_ids), logits(ref, input_ids), atol=ATOL, rtol=0)
-    unscaled, _ = model_pair(rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, max_position_embeddings=256)
+    unscaled, _ = model_pair(
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, max_position_embeddings=256
+    )
     assert not torch.allclose(logits(unscaled, input_ids), logits(ours, input_ids), atol=1e-3)
 
 
@@ -121,7 +123,9 @@ def test_explicit_position_ids():
     assert not torch.allclose(logits(ours, input_ids, **gapped), logits(ours, input_ids), atol=1e-4)
     # RoPE encodes relative positions: shifting all of them changes nothing.
     shifted = torch.arange(7, 23).unsqueeze(0)
-    torch.testing.assert_close(logits(ours, input_ids, position_ids=shifted), logits(ours, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        logits(ours, input_ids, position_ids=shifted), logits(ours, input_ids), atol=ATOL, rtol=0
+    )
 
 
 def test_attention_mask_hides_padding():
@@ -190,7 +194,9 @@ def test_causal_lm_loss_equals_transformers_loss_over_several_blocks(dtype):
     (ours_grad,) = torch.autograd.grad(ours, logits)
     assert ours.dtype == ref.dtype == torch.float32 and ours_grad.dtype == dtype
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours_grad.float(), ref_grad.float(), atol=1e-7 if dtype == torch.float32 else 1e-6, rtol=0)
+    torch.testing.assert_close(
+        ours_grad.float(), ref_grad.float(), atol=1e-7 if dtype == torch.float32 else 1e-6, rtol=0
+    )
     # Like F.cross_entropy: nothing to learn from gives NaN (0 / 0) under the mean, 0 under a given divisor.
     ignored = torch.full_like(labels, -100)
     assert causal_lm_loss(logits, ignored, vocab).isnan() and ForCausalLMLoss(logits, ignored, vocab).isnan()

@@ -89,7 +89,7 @@ def test_best_of_n_keeps_the_argmax_and_uses_the_combined_reward(tokenizer, poli
     args = SamplingArguments(prompts="-", num_samples=6, max_new_tokens=5, temperature=1.0, top_p=1.0)
     torch.manual_seed(0)
     records = rejection_sample(policy, tokenizer, {"helpfulness": helpfulness, "safety": safety}, prompts, args)
-    for prompt, record in zip(prompts, records):
+    for prompt, record in zip(prompts, records, strict=False):
         rewards = [sample["reward"] for sample in record["samples"]]
         best = max(range(len(rewards)), key=rewards.__getitem__)
         assert record["reward"] == max(rewards)

@@ -46,11 +46,12 @@ def preference_records(n, seed=0):
 
 def test_ranking_loss_matches_the_formula():
     chosen, rejected, margin = [0.3, -1.2, 2.0], [0.5, -2.0, -1.0], [1.0, 2 / 3, 0.0]
-    expected = sum(-math.log(1 / (1 + math.exp(-(c - r - m)))) for c, r, m in zip(chosen, rejected, margin)) / 3
+    triples = zip(chosen, rejected, margin, strict=True)
+    expected = sum(-math.log(1 / (1 + math.exp(-(c - r - m)))) for c, r, m in triples) / 3
     loss = ranking_loss(torch.tensor(chosen), torch.tensor(rejected), torch.tensor(margin))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert ranking_loss(torch.tensor(chosen), torch.tensor(rejected)).item() == pytest.approx(
-        sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen, rejected)) / 3, rel=1e-6
+        sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen, rejected, strict=False)) / 3, rel=1e-6
     )
 
 
@@ -64,7 +65,9 @@ def test_pairs_carry_the_paper_margin_of_their_rating(tmp_path, tokenizer, table
 
 
 def test_combined_reward_branches():
-    logit = lambda p: math.log(p / (1 - p))
+    def logit(p):
+        return math.log(p / (1 - p))
+
     helpfulness = torch.tensor([1.0, 1.0, 1.0, 1.0])
     safety = torch.tensor([logit(0.9), logit(0.1), logit(0.5), logit(0.16)])
     unsafe = torch.tensor([True, False, False, False])

@@ -65,7 +65,7 @@ def meta_chat_tokens(sp, dialog: list[dict]) -> list[int]:
         first = "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]
         dialog = [{"role": dialog[1]["role"], "content": first}] + dialog[2:]
     tokens = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+    for prompt, answer in zip(dialog[::2], dialog[1::2], strict=False):
         text = f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} "
         tokens += [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
     return tokens + [sp.bos_id()] + sp.encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")

@@ -123,7 +123,7 @@ def rejection_sample(
             {
                 "messages": [*prompt["messages"], {"role": "assistant", "content": responses[best]}],
                 "reward": rewards[best].item(),
-                "samples": [{"response": r, "reward": x} for r, x in zip(responses, rewards.tolist())],
+                "samples": [{"response": r, "reward": x} for r, x in zip(responses, rewards.tolist(), strict=False)],
             }
         )
     return records

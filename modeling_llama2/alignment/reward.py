@@ -137,6 +137,7 @@ def run_reward_model(
 
     return train(
         RewardTrainer, model_args, training_args, load_base=load_base, task_type="SEQ_CLS", tokenizer=tokenizer,
-        train_data=pairs(reward_args.train_file), eval_data=pairs(reward_args.eval_file) if reward_args.eval_file else None,
+        train_data=pairs(reward_args.train_file),
+        eval_data=pairs(reward_args.eval_file) if reward_args.eval_file else None,
         data_collator=PairCollator(tokenizer.pad_token_id), compute_metrics=ranking_metrics,
     )  # fmt: skip

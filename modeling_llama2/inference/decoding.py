@@ -99,7 +99,7 @@ def prefill(
     first = prompt_cache.layers[0].keys
     cache.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
     length = input_ids.shape[1]
-    for static, dynamic in zip(cache.layers, prompt_cache.layers):
+    for static, dynamic in zip(cache.layers, prompt_cache.layers, strict=False):
         static.keys[:, :, :length] = dynamic.keys
         static.values[:, :, :length] = dynamic.values
         static.cumulative_length.fill_(length)

@@ -11,7 +11,8 @@ measured on this project's 2-core x86 CPU (torch 2.13, fp32 GEMV 32000x768 as 1x
 So on a CPU, inside `torch.compile` and for one row (batch-1 decoding), the product is
 `cpu_kernels.reduction_linear`, one compiled loop that reads the int8 weight and converts it as it goes (weight-only
 int8: the activations are not rounded, so these logits are closer to fp32 than fbgemm's); for more rows, or eagerly,
-fbgemm is called (through `cpu_kernels`' custom op; the private torch APIs are `torch_internals`'); elsewhere it computes `linear(x, int8 -> dtype) * scale`, which
+fbgemm is called (through `cpu_kernels`' custom op; the private torch APIs are `torch_internals`'); elsewhere it
+computes `linear(x, int8 -> dtype) * scale`, which
 inductor fuses into one weight-streaming kernel on GPUs.
 """
 
