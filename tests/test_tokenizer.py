@@ -8,6 +8,7 @@ import sentencepiece
 from transformers import AutoTokenizer
 
 from llama2_convert.tokenizer import build_fast_tokenizer, save_tokenizer
+from modeling_llama2.chat_format import encode_dialog, tokenizer_encoder
 
 from .llama2_reference import CORPUS, train_sentencepiece
 
@@ -131,3 +132,26 @@ def test_small_alphabet_model_converts_exactly(tmp_path):
     fast = build_fast_tokenizer(model)
     for text in ["12+7=19", " 3+4=7", "x + y", "  99+1=100\n"]:
         assert fast.encode(text, add_special_tokens=False).ids == sp.encode(text)
+
+
+# Every dialog the tests know: the ones above (ending with a user turn) and the chat-format tests' ones (ending with
+# an answer, as training data does).
+ALL_DIALOGS = {
+    **DIALOGS,
+    "answered": [{"role": "user", "content": " the cat? "}, {"role": "assistant", "content": "red "}],
+    "answered-system-multi-turn": [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "the cat?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "the dog?"},
+        {"role": "assistant", "content": "blue"},
+    ],
+}
+
+
+@pytest.mark.parametrize("dialog", ALL_DIALOGS.values(), ids=ALL_DIALOGS.keys())
+def test_encode_dialog_equals_the_chat_template(saved, dialog):
+    """The chat format's two forms, the Jinja template and `encode_dialog`, give the same ids."""
+    _, tokenizer = saved
+    ids, _ = encode_dialog(dialog, tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert ids == tokenizer.apply_chat_template(dialog, tokenize=True, return_dict=True)["input_ids"]
