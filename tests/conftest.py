@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2.inference import decoding
 
 from .alignment_helpers import make_tokenizer
 
@@ -51,3 +52,12 @@ def tokenizer():
     tokenizer = make_tokenizer()
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+@pytest.fixture
+def cheap_compile(monkeypatch):
+    """Compile the decode step with dynamo and AOTAutograd but no inductor code generation (`aot_eager`): the same
+    graph capture, guards and recompiles, without paying seconds of C++ compilation per graph. For tests of the decode
+    loop's logic; the tests of the kernels themselves keep inductor."""
+    step = torch.compile(decoding.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(decoding, "compiled_decode_step", step)

@@ -1,7 +1,7 @@
 """Fast decoding: the compiled static-cache step against `generate`, EOS handling, and shared-prefix best-of-N.
 
-Compiling on a CPU takes seconds, so one tiny model is compiled once for the module; the other tests run the
-same step eagerly (`compile=False`)."""
+Compiling on a CPU takes seconds, so one test compiles the real step with inductor; the tests of the loop's logic
+compile it without inductor's code generation (`cheap_compile`) or run it eagerly (`compile=False`)."""
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ def test_compiled_greedy_matches_generate_without_recompiling(model):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_left_padded_prompts_of_different_lengths_match_generate(model, compile):
+def test_left_padded_prompts_of_different_lengths_match_generate(model, compile, cheap_compile):
     ids = prompts(3, 9, seed=4)
     mask = torch.ones_like(ids)
     for row, pads in enumerate([0, 4, 2]):  # prompts of 9, 5 and 7 tokens
@@ -138,7 +138,7 @@ def test_sample_n_refuses_a_batch(model):
         sample_n(model, prompts(2, 4), n=3, max_new_tokens=2, compile=False)
 
 
-def test_more_compiled_variants_than_dynamos_default_limit(model):
+def test_more_compiled_variants_than_dynamos_default_limit(model, cheap_compile):
     # batch sizes x cache lengths: 9 graphs of the one step function, where dynamo's default stops at 8
     for batch in (1, 2, 3):
         for max_cache_len in (24, 32, 40):

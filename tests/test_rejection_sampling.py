@@ -23,6 +23,8 @@ from tests.alignment_helpers import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.usefixtures("cheap_compile")  # sampling logic, not kernels: no inductor code generation
+
 
 @pytest.fixture(scope="module")
 def policy(tokenizer):

@@ -3,6 +3,7 @@ against Meta's `chat_completion` formatting."""
 
 from pathlib import Path
 
+import jinja2
 import pytest
 import sentencepiece
 from transformers import AutoTokenizer
@@ -103,7 +104,7 @@ def test_chat_template_matches_meta_chat_completion(saved, dialog):
 
 def test_chat_template_rejects_roles_out_of_order(saved):
     _, tokenizer = saved
-    with pytest.raises(Exception, match="alternate"):
+    with pytest.raises(jinja2.TemplateError, match="alternate"):
         tokenizer.apply_chat_template(
             [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], tokenize=False
         )
