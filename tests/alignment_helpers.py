@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2.alignment.training import write_jsonl  # noqa: F401  (the tests' too)
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog bird sat ran flew on under mat tree house red blue green big small happy sad".split()
@@ -32,27 +33,34 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_config(vocab_size: int, **kwargs) -> Llama2Config:
-    return Llama2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        **kwargs,
-    )
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+)
+# The alignment tests' models: narrower, a longer context, no pad token unless given.
+ALIGNMENT = dict(hidden_size=32, intermediate_size=64, max_position_embeddings=256, pad_token_id=None)
+
+
+def tiny_config(**overrides) -> Llama2Config:
+    return Llama2Config(**{**TINY, **overrides})
+
+
+def alignment_config(vocab_size: int, **overrides) -> Llama2Config:
+    return tiny_config(**{**ALIGNMENT, "vocab_size": vocab_size, **overrides})
 
 
 def save_causal_lm(path: Path, seed: int = 0) -> Path:
     """A tiny random causal LM with its tokenizer, saved like a real checkpoint."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    Llama2ForCausalLM(tiny_config(len(tokenizer))).save_pretrained(path)
+    Llama2ForCausalLM(alignment_config(len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -65,11 +73,6 @@ def qa_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
         animal, color = rng.choice(ANIMALS), rng.choice(COLORS)
         pairs.append((f"the {animal} is {color}. what color is the {animal}?", f"the {animal} is {color}"))
     return pairs
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def run_script(name: str, *args, launcher: tuple[str, ...] = (), timeout: int = 240) -> subprocess.CompletedProcess:

@@ -4,28 +4,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.inference import decoding
 
-from .alignment_helpers import make_tokenizer
+from .alignment_helpers import TINY, make_tokenizer, tiny_config
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    pad_token_id=0,
-)
-
-
-def tiny_config(**overrides) -> Llama2Config:
-    return Llama2Config(**{**TINY, **overrides})
 
 
 def model_pair(seed: int = 0, attn_implementation: str = "sdpa", **overrides):

@@ -15,11 +15,11 @@ from modeling_llama2.alignment.rejection_sampling import (
 from modeling_llama2.alignment.scoring import encode_response, score
 from modeling_llama2.alignment.sft import load_sft_samples
 from tests.alignment_helpers import (
+    alignment_config,
     logged_losses,
     qa_pairs,
     run_script,
     save_causal_lm,
-    tiny_config,
     write_jsonl,
 )
 
@@ -29,12 +29,12 @@ pytestmark = pytest.mark.usefixtures("cheap_compile")  # sampling logic, not ker
 @pytest.fixture(scope="module")
 def policy(tokenizer):
     torch.manual_seed(0)
-    return Llama2ForCausalLM(tiny_config(len(tokenizer), pad_token_id=0)).eval()
+    return Llama2ForCausalLM(alignment_config(len(tokenizer), pad_token_id=0)).eval()
 
 
 def reward_model(tokenizer, seed, objective):
     torch.manual_seed(seed)
-    config = tiny_config(len(tokenizer), num_labels=1, pad_token_id=0, id2label={0: objective})
+    config = alignment_config(len(tokenizer), num_labels=1, pad_token_id=0, id2label={0: objective})
     return Llama2ForSequenceClassification(config).eval()
 
 

@@ -19,12 +19,12 @@ from modeling_llama2.alignment.reward import (
 from modeling_llama2.alignment.scoring import combined_reward, score
 from tests.alignment_helpers import (
     WORDS,
+    alignment_config,
     logged_losses,
     make_tokenizer,
     qa_pairs,
     run_script,
     save_causal_lm,
-    tiny_config,
     write_jsonl,
 )
 
@@ -78,7 +78,7 @@ def test_combined_reward_branches():
 
 def test_pair_collator_and_reward_head_ignore_padding(tokenizer):
     torch.manual_seed(0)
-    model = Llama2ForSequenceClassification(tiny_config(len(tokenizer), num_labels=1, pad_token_id=0)).eval()
+    model = Llama2ForSequenceClassification(alignment_config(len(tokenizer), num_labels=1, pad_token_id=0)).eval()
     rows = [[1, 5, 6, 7, 2], [1, 8, 2]]
     batch = PairCollator(pad_id=0)([{"chosen": rows[0], "rejected": rows[1], "margin": 1.0, "rating": 0}])
     assert batch["input_ids"].tolist() == [rows[0], [1, 8, 2, 0, 0]]

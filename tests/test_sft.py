@@ -10,18 +10,18 @@ from modeling_llama2.alignment.sft import SFTArguments, load_sft_samples, pack, 
 from modeling_llama2.alignment.training import ModelArguments, parse_args
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from tests.alignment_helpers import (
+    alignment_config,
     logged_losses,
     qa_pairs,
     run_script,
     save_causal_lm,
-    tiny_config,
     write_jsonl,
 )
 
 
 def tiny_lm(tokenizer, attn_implementation="sdpa"):
     torch.manual_seed(0)
-    model = Llama2ForCausalLM(tiny_config(len(tokenizer))).eval()
+    model = Llama2ForCausalLM(alignment_config(len(tokenizer))).eval()
     model.set_attn_implementation(attn_implementation)
     return model
 

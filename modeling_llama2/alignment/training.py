@@ -78,9 +78,11 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int,
             yield line_no, record
 
 
-def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> str | os.PathLike:
+    """Write one JSON object per line (UTF-8); returns `path`."""
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return path
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int, where: str) -> tuple[list[int], list[int]]:
