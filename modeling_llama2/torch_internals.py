@@ -7,7 +7,6 @@ names the torch versions it was written for.
 """
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 
@@ -102,7 +101,8 @@ def opaque_base() -> type:
     return OpaqueBase or object
 
 
-def register_opaque(cls: type) -> Callable:
+def register_opaque(cls: type) -> type:
+    """Class decorator: register `cls` as an opaque reference type where this torch has opaque objects."""
     if register_opaque_type is not None:
         register_opaque_type(cls, typ="reference")
     return cls
