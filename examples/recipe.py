@@ -4,8 +4,8 @@
 
 1. trains a sentencepiece tokenizer and pretrains a tiny Llama 2 (grouped-query attention) on raw text
    (`51706749=01456779`), briefly, so that it sorts well but not perfectly and the later stages have room to improve;
-2. saves it in Meta's raw format (`consolidated.00.pth`, `params.json`, `tokenizer.model`) with
-   `llama2-convert hf-to-meta`, and converts that back with `llama2-convert meta-to-hf --chat`;
+2. saves it in Meta's raw format (`consolidated.00.pth`, `params.json`, `tokenizer.model`) with the converter's
+   `hf_to_meta` (what `llama2-convert hf-to-meta` runs), and converts that back with `meta_to_hf(chat=True)`;
 3. loads the result with `AutoModelForCausalLM` and fine-tunes it on chat-formatted instructions, loss on answers
    only (`run_sft`);
 4. trains a helpfulness reward model on preference pairs, right answer over one of the SFT model's own wrong
@@ -23,7 +23,6 @@ smaller sizes (for CI): its numbers are not meant to be good.
 """
 
 import argparse
-import gc
 import io
 import json
 import random
@@ -52,8 +51,8 @@ from arithmetic_task import (
     sft_record,
     split_problems,
 )
-from llama2_convert.__main__ import main as llama2_convert
 from llama2_convert.layout import ffn_dim
+from llama2_convert.meta import hf_to_meta, meta_to_hf
 from llama2_convert.tokenizer import save_tokenizer
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
 from modeling_llama2.alignment.rejection_sampling import (
@@ -67,7 +66,7 @@ from modeling_llama2.alignment.rejection_sampling import (
 from modeling_llama2.alignment.reward import RewardArguments, run_reward_model
 from modeling_llama2.alignment.scoring import encode_response, score
 from modeling_llama2.alignment.sft import SFTArguments, run_sft
-from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, write_jsonl
+from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, read_jsonl, write_jsonl
 from modeling_llama2.chat_format import B_INST, E_INST, encode_dialog, tokenizer_encoder
 
 CONTEXT = 128  # tokens: a chat-formatted question and its answer take about 30
@@ -138,58 +137,26 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
     (data_dir / "pretrain.txt").write_text("".join(equation(p) + "\n" for p in splits["pretrain"]))
     write_jsonl(str(data_dir / "sft.jsonl"), [sft_record(p) for p in splits["sft"]])
     for name in ("eval", "rejection_sampling"):
-        records = [{"prompt": question(p)} for p in splits[name]]
-        write_jsonl(str(data_dir / f"{name}_prompts.jsonl"), records)
+        write_jsonl(str(data_dir / f"{name}_prompts.jsonl"), [{"prompt": question(p)} for p in splits[name]])
     return splits
 
 
-def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
-    """Preference pairs whose rejected answer is a wrong one of `n` samples from the SFT model (on-policy, as in
-    Llama 2-Chat: the reward model learns the mistakes it will have to rank), or a made-up near miss where all are
-    right."""
-    tokenizer, policy = load_tokenizer(str(model_dir)), load_policy(model_dir)
-    encode, pairs = tokenizer_encoder(tokenizer), []
-    for problem in problems:
-        messages = [{"role": "user", "content": question(problem)}]
-        prompt = encode_dialog(messages, encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
-        sampled = sample_responses(
-            policy, prompt, n, 16, TEMPERATURE, pad_token_id=tokenizer.pad_token_id, compile=COMPILE
-        )
-        samples = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-        wrong = [s for s in samples if not is_correct(problem, s)]
-        pairs.append(preference_pair(problem, rng, rng.choice(wrong) if wrong else None))
-    write_jsonl(str(path), pairs)
+# Stages. Each trains or measures one thing, writes its artefacts under the run's folder and returns its figures;
+# none prints (progress bars aside): `main` reports.
 
 
-def train_tokenizer(data_dir: Path, path: Path) -> None:
-    """A small Llama 2-style sentencepiece model: BPE, byte fallback, digits split, no normalization."""
-    corpus = (data_dir / "pretrain.txt").read_text().splitlines()
-    for line in (data_dir / "sft.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        corpus.append(f"{B_INST} {record['prompt']} {E_INST} {record['response']}")
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
-        byte_fallback=True, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-    )  # fmt: skip
-    path.write_bytes(model.getvalue())
-
-
-def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Sizes) -> None:
-    """Next-token prediction on the raw text, packed into rows of PRETRAIN_ROW tokens (each line between BOS and
-    EOS)."""
-    tokenizer = save_tokenizer(tokenizer_file, output_dir, chat=False, model_max_length=CONTEXT)
+def pretrain(out: Path, sizes: Sizes) -> dict:
+    """A small Llama 2-style sentencepiece tokenizer, then next-token prediction on the raw text, packed into rows of
+    PRETRAIN_ROW tokens (each line between BOS and EOS)."""
+    train_tokenizer(out / "data", out / "tokenizer.model")
+    tokenizer = save_tokenizer(out / "tokenizer.model", out / "pretrained", chat=False, model_max_length=CONTEXT)
     config = Llama2Config(
         vocab_size=len(tokenizer), hidden_size=sizes.hidden_size, intermediate_size=ffn_dim(sizes.hidden_size, 32),
         num_hidden_layers=sizes.num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=CONTEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = Llama2ForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"tiny Llama 2: {params:.2f}M parameters, {config.num_hidden_layers} layers, GQA 4 query / 2 KV heads")
-
-    lines = (data_dir / "pretrain.txt").read_text().splitlines()
+    lines = (out / "data/pretrain.txt").read_text().splitlines()
     stream = [t for ids in tokenizer(lines)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
     rows = torch.tensor(stream[: len(stream) // PRETRAIN_ROW * PRETRAIN_ROW]).view(-1, PRETRAIN_ROW)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sizes.pretrain_lr, weight_decay=0.0)
@@ -205,20 +172,156 @@ def pretrain(data_dir: Path, tokenizer_file: Path, output_dir: Path, sizes: Size
         schedule.step()
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval().save_pretrained(output_dir)
+    model.eval().save_pretrained(out / "pretrained")
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "final_loss": loss.item(),
+    }
 
 
-def convert(pretrained_dir: Path, meta_dir: Path, base_dir: Path) -> None:
-    """Hugging Face -> Meta's raw format -> Hugging Face with the Llama 2 chat template, through `llama2-convert`."""
-    commands = [
-        ["hf-to-meta", "--input-dir", str(pretrained_dir), "--output-dir", str(meta_dir), "--num-shards", "1"],
-        ["meta-to-hf", "--input-dir", str(meta_dir), "--output-dir", str(base_dir), "--chat",
-         "--max-position-embeddings", str(CONTEXT)],
-    ]  # fmt: skip
-    for command in commands:
-        print("llama2-convert " + " ".join(command))
-        if llama2_convert([*command, "--overwrite"]) != 0:
-            raise SystemExit(f"llama2-convert {command[0]} failed")
+def train_tokenizer(data_dir: Path, path: Path) -> None:
+    """BPE, byte fallback, digits split, no normalization: Llama 2's tokenizer settings, on the recipe's text."""
+    corpus = (data_dir / "pretrain.txt").read_text().splitlines()
+    for _, record in read_jsonl(str(data_dir / "sft.jsonl")):
+        corpus.append(f"{B_INST} {record['prompt']} {E_INST} {record['response']}")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
+        byte_fallback=True, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )  # fmt: skip
+    path.write_bytes(model.getvalue())
+
+
+def convert(out: Path) -> dict:
+    """Hugging Face -> Meta's raw format -> Hugging Face with the Llama 2 chat template, as `llama2-convert`
+    `hf-to-meta` and `meta-to-hf --chat` do."""
+    hf_to_meta(out / "pretrained", out / "meta", num_shards=1, overwrite=True)
+    meta_to_hf(out / "meta", out / "base", chat=True, max_position_embeddings=CONTEXT, overwrite=True)
+    return {"meta_files": sorted(p.name for p in (out / "meta").iterdir())}
+
+
+def sft(base_dir: Path, data: Path, output_dir: Path, *, epochs: float, lr: float, seed: int) -> dict:
+    """Supervised fine-tuning in the chat format, loss on answers only, in rows of CONTEXT tokens (the samples are
+    short, and longer rows would leave only a handful of steps)."""
+    return run_sft(
+        ModelArguments(model=str(base_dir)),
+        SFTArguments(train_file=str(data), max_length=CONTEXT),
+        trainer_args(output_dir, epochs, lr, batch=8, seed=seed),
+    )
+
+
+def reward_model(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, rng: random.Random, seed: int) -> dict:
+    """A helpfulness reward model (margin ranking loss) on on-policy pairs of the SFT model."""
+    for name in ("pairs", "pairs_eval"):
+        write_pairs(out / "sft", problems[name], out / f"data/{name}.jsonl", rng)
+    return run_reward_model(
+        ModelArguments(model=str(out / "sft")),
+        RewardArguments(
+            train_file=str(out / "data/pairs.jsonl"), eval_file=str(out / "data/pairs_eval.jsonl"), max_length=CONTEXT
+        ),
+        trainer_args(out / "reward_model", sizes.rm_epochs, sizes.rm_lr, batch=16, seed=seed),
+    )
+
+
+def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
+    """Preference pairs whose rejected answer is a wrong one of `n` samples from the SFT model (on-policy, as in
+    Llama 2-Chat: the reward model learns the mistakes it will have to rank), or a made-up near miss where all are
+    right."""
+    tokenizer, policy = load_tokenizer(str(model_dir)), load_policy(model_dir)
+    encode, pairs = tokenizer_encoder(tokenizer), []
+    for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
+        messages = [{"role": "user", "content": question(problem)}]
+        prompt = encode_dialog(messages, encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
+        sampled = sample_responses(
+            policy, prompt, n, 16, TEMPERATURE, pad_token_id=tokenizer.pad_token_id, compile=COMPILE
+        )
+        samples = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
+        wrong = [s for s in samples if not is_correct(problem, s)]
+        pairs.append(preference_pair(problem, rng, rng.choice(wrong) if wrong else None))
+    write_jsonl(str(path), pairs)
+
+
+def best_of_n(out: Path, problems: list[Problem], reward: AutoModelForSequenceClassification) -> list[dict]:
+    """Sample 16 answers per rejection-sampling prompt from the SFT model, score them with the reward model, keep
+    them all (`rejection_sampling_data.jsonl`), plot the max-vs-median reward curve and return it per N."""
+    sampling = SamplingArguments(
+        prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=TEMPERATURE,
+        top_p=1.0, max_new_tokens=16, compile=COMPILE,
+    )  # fmt: skip
+    policy, tokenizer = load_policy(out / "sft"), load_tokenizer(str(out / "sft"))
+    records = rejection_sample(policy, tokenizer, {"helpfulness": reward}, load_prompts(sampling.prompts), sampling)
+    write_jsonl(str(out / "rejection_sampling_data.jsonl"), records)
+    curve = best_of_n_table(records, problems)
+    plot_reward_curve(curve, str(out / "max_vs_median_reward.png"))
+    return curve
+
+
+def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
+    """Per N: mean max and median reward over prompts (paper's Figure 7), and how often the reward model's favourite
+    of the first N samples, and any of them, is right (checked against the right answers, for the report only)."""
+    rewards = torch.tensor([[sample["reward"] for sample in record["samples"]] for record in records])
+    pairs = zip(records, problems, strict=True)
+    right = torch.tensor([[is_correct(p, s["response"]) for s in r["samples"]] for r, p in pairs])
+    curve = reward_curve(rewards)
+    for point in curve:
+        n = point["n"]
+        picked = rewards[:, :n].argmax(1)
+        point["accuracy_of_best"] = right[:, :n].gather(1, picked[:, None]).float().mean().item()
+        point["any_right"] = right[:, :n].any(1).float().mean().item()
+    return curve
+
+
+def finetune_on_favourites(out: Path, k: int, model_dir: Path, sizes: Sizes, seed: int) -> dict:
+    """Fine-tune the SFT model on the reward model's favourite of the first `k` samples of each prompt."""
+    records = [record for _, record in read_jsonl(str(out / "rejection_sampling_data.jsonl"))]
+    data = write_jsonl(str(out / f"data/best_of_{k}.jsonl"), [favourite_of_first(record, k) for record in records])
+    return sft(out / "sft", Path(data), model_dir, epochs=sizes.rs_epochs, lr=sizes.rs_lr, seed=seed)
+
+
+def favourite_of_first(record: dict, k: int) -> dict:
+    """An SFT record: the prompt with the reward model's favourite among its first `k` samples. Samples are i.i.d.,
+    so these stand for best-of-k sampling, and k = 1 is a random sample (the control)."""
+    best = max(record["samples"][:k], key=lambda sample: sample["reward"])
+    return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": best["response"]}],
+            "reward": best["reward"]}  # fmt: skip
+
+
+def evaluate(model_dir: Path, problems: list[Problem]) -> dict:
+    """Exact-answer accuracy of greedy answers to the held-out problems, asked in the chat format and as raw text."""
+    chat = greedy_answers(model_dir, [[{"role": "user", "content": question(p)}] for p in problems])
+    raw = greedy_answers(model_dir, [question(p) for p in problems], max_new_tokens=12)
+    return {
+        "accuracy": sum(map(is_correct, problems, chat)) / len(problems),
+        "accuracy_raw_text": sum(map(is_correct, problems, raw)) / len(problems),
+        "answers": chat,
+    }
+
+
+def mean_reward(reward, tokenizer, problems: list[Problem], answers: list[str]) -> float:
+    """Mean helpfulness reward (sigmoid of the score, as rejection sampling reports it) of answers to the problems."""
+    rows = [
+        encode_response(tokenizer, [{"role": "user", "content": question(p)}], a)[0]
+        for p, a in zip(problems, answers, strict=True)
+    ]
+    scores = [score(reward, rows[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(rows), 64)]
+    return torch.sigmoid(torch.cat(scores)).mean().item()
+
+
+def chat_demo(model_dir: Path, problems: list[Problem]) -> list[dict]:
+    """A few held-out questions asked through `pipeline("text-generation")` with chat messages."""
+    chat, turns = chat_pipeline(model_dir), []
+    for problem in problems:
+        messages = [{"role": "user", "content": question(problem)}]
+        reply = chat(messages, max_new_tokens=16, do_sample=False)[0]["generated_text"][-1]["content"]
+        turns.append({"user": question(problem), "assistant": reply, "right": is_correct(problem, reply)})
+    return turns
+
+
+# Loading and generating with a stage's output.
 
 
 def trainer_args(output_dir: Path, epochs: float, lr: float, batch: int, seed: int) -> TrainingArguments:
@@ -256,51 +359,70 @@ def greedy_answers(model_dir: Path, prompts: list, max_new_tokens: int = 16) -> 
     return [output[0]["generated_text"].strip() for output in outputs]
 
 
-def evaluate(model_dir: Path, problems: list[Problem], prompts: list[str]) -> dict:
-    """Exact-answer accuracy of greedy answers to the held-out problems, asked in the chat format and as raw text."""
-    chat = greedy_answers(model_dir, [[{"role": "user", "content": prompt}] for prompt in prompts])
-    raw = greedy_answers(model_dir, [question(p) for p in problems], max_new_tokens=12)
-    return {
-        "accuracy": sum(map(is_correct, problems, chat)) / len(problems),
-        "accuracy_raw_text": sum(map(is_correct, problems, raw)) / len(problems),
-        "answers": chat,
-    }
-
-
-def mean_reward(reward_model, tokenizer, prompts: list[str], answers: list[str]) -> float:
-    """Mean helpfulness reward (sigmoid of the score, as rejection sampling reports it) of answers to prompts."""
-    rows = [
-        encode_response(tokenizer, [{"role": "user", "content": p}], a)[0]
-        for p, a in zip(prompts, answers, strict=True)
-    ]
-    scores = [score(reward_model, rows[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(rows), 64)]
-    return torch.sigmoid(torch.cat(scores)).mean().item()
-
-
-def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
-    """Per N: mean max and median reward over prompts (paper's Figure 7), and how often the reward model's favourite
-    of the first N samples, and any of them, is right (checked against the right answers, for the report only)."""
-    rewards = torch.tensor([[sample["reward"] for sample in record["samples"]] for record in records])
-    pairs = zip(records, problems, strict=True)
-    right = torch.tensor([[is_correct(p, s["response"]) for s in r["samples"]] for r, p in pairs])
-    curve = reward_curve(rewards)
-    for point in curve:
-        n = point["n"]
-        picked = rewards[:, :n].argmax(1)
-        point["accuracy_of_best"] = right[:, :n].gather(1, picked[:, None]).float().mean().item()
-        point["any_right"] = right[:, :n].any(1).float().mean().item()
-    return curve
-
-
-def favourite_of_first(record: dict, k: int) -> dict:
-    """An SFT record: the prompt with the reward model's favourite among its first `k` samples. Samples are i.i.d.,
-    so these stand for best-of-k sampling, and k = 1 is a random sample (the control)."""
-    best = max(record["samples"][:k], key=lambda sample: sample["reward"])
-    return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": best["response"]}],
-            "reward": best["reward"]}  # fmt: skip
-
-
 def main() -> None:
+    args = parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    # The tiny model's kernels are too small for intra-op threads to pay off: one thread is about as fast on an idle
+    # machine and several times faster when other processes share the cores (measured: 0.10 vs 0.45 s per step).
+    torch.set_num_threads(1)
+    out, rng = args.output_dir, random.Random(args.seed)
+    set_seed(args.seed)
+    start = time.perf_counter()
+    seconds, stages = {}, {}
+    problems = write_data(out / "data", sizes, rng)
+    held_out = problems["eval"]
+
+    heading("1. tokenizer and pretraining")
+    model = timed(seconds, "pretrain", pretrain, out, sizes)
+    report_model(model)
+
+    heading("2. Meta's format and back")
+    timed(seconds, "convert", convert, out)
+    report_conversion(out)
+    stages["pretrained"] = report_stage("pretrained", evaluate(out / "base", held_out))
+
+    heading("3. supervised fine-tuning (chat format, loss on answers only)")
+    timed(seconds, "sft", sft, out / "base", out / "data/sft.jsonl", out / "sft",
+          epochs=sizes.sft_epochs, lr=sizes.sft_lr, seed=args.seed)  # fmt: skip
+    stages["sft"] = report_stage("SFT", evaluate(out / "sft", held_out))
+
+    heading("4. helpfulness reward model (margin ranking loss)")
+    reward_metrics = timed(seconds, "reward_model", reward_model, out, problems, sizes, rng, args.seed)
+    report_reward_model(reward_metrics)
+
+    heading(f"5. rejection sampling: {max(NS)} samples per prompt, fine-tuning on the best of {args.finetune_best_of}")
+    reward = AutoModelForSequenceClassification.from_pretrained(out / "reward_model").eval()
+    curve = timed(seconds, "rejection_sampling", best_of_n, out, problems["rejection_sampling"], reward)
+    report_curve(curve)
+    for name, k, model_dir in [
+        ("rejection sampling", args.finetune_best_of, out / "rejection_sampling"),
+        ("control: random", 1, out / "random_sample_control"),
+    ]:
+        timed(seconds, "rejection_sampling", finetune_on_favourites, out, k, model_dir, sizes, args.seed)
+        stages[name] = report_stage(name, evaluate(model_dir, held_out))
+
+    tokenizer = load_tokenizer(str(out / "sft"))
+    for result in stages.values():
+        result["mean_reward"] = mean_reward(reward, tokenizer, held_out, result.pop("answers"))
+
+    heading("6. chatting with the result through pipeline('text-generation')")
+    report_chat(chat_demo(out / "rejection_sampling", held_out[:3]))
+
+    seconds["total"] = time.perf_counter() - start
+    metrics = {
+        "stages": stages,
+        "reward_model": reward_metrics,
+        "best_of_n": curve,
+        "model": model,
+        "sizes": asdict(sizes),
+        "seconds": seconds,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    report_table(stages, len(held_out), args.finetune_best_of)
+    report_artefacts(out, seconds["total"])
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/recipe"))
     parser.add_argument("--quick", action="store_true", help="Small sizes: the same path in about a minute (CI).")
@@ -308,119 +430,47 @@ def main() -> None:
     parser.add_argument(
         "--finetune-best-of", type=int, default=max(NS), choices=NS, help="Fine-tune on the favourite of this many."
     )
-    args = parser.parse_args()
-    sizes = QUICK if args.quick else Sizes()
-    # The tiny model's kernels are too small for intra-op threads to pay off: one thread is about as fast on an idle
-    # machine and several times faster when other processes share the cores (measured: 0.10 vs 0.45 s per step).
-    torch.set_num_threads(1)
-    out = args.output_dir
-    rng = random.Random(args.seed)
-    set_seed(args.seed)
+    return parser.parse_args()
+
+
+def timed(seconds: dict[str, float], name: str, stage, *args, **kwargs):
+    """Run a stage and add its wall time to `seconds[name]`."""
     start = time.perf_counter()
-    results, stage_seconds = {}, {}
-
-    print("\n== 1. tokenizer and pretraining ==")
-    problems = write_data(out / "data", sizes, rng)
-    eval_prompts = [record["prompt"] for record in map(json.loads, (out / "data/eval_prompts.jsonl").open())]
-    train_tokenizer(out / "data", out / "tokenizer.model")
-    pretrain(out / "data", out / "tokenizer.model", out / "pretrained", sizes)
-    stage_seconds["pretrain"] = time.perf_counter() - start
-
-    print("\n== 2. Meta's format and back ==")
-    convert(out / "pretrained", out / "meta", out / "base")
-    results["pretrained"] = evaluate(out / "base", problems["eval"], eval_prompts)
-    report("pretrained", results["pretrained"])
-
-    print("\n== 3. supervised fine-tuning (chat format, loss on answers only) ==")
-    t = time.perf_counter()
-    run_sft(
-        ModelArguments(model=str(out / "base")),
-        # rows of CONTEXT tokens: the samples are short, and longer rows would leave only a handful of steps
-        SFTArguments(train_file=str(out / "data/sft.jsonl"), max_length=CONTEXT),
-        trainer_args(out / "sft", sizes.sft_epochs, sizes.sft_lr, batch=8, seed=args.seed),
-    )
-    stage_seconds["sft"] = time.perf_counter() - t
-    results["sft"] = evaluate(out / "sft", problems["eval"], eval_prompts)
-    report("SFT", results["sft"])
-
-    print("\n== 4. helpfulness reward model (margin ranking loss) ==")
-    t = time.perf_counter()
-    for name in ("pairs", "pairs_eval"):
-        write_pairs(out / "sft", problems[name], out / f"data/{name}.jsonl", rng)
-    rm_metrics = run_reward_model(
-        ModelArguments(model=str(out / "sft")),
-        RewardArguments(
-            train_file=str(out / "data/pairs.jsonl"), eval_file=str(out / "data/pairs_eval.jsonl"), max_length=CONTEXT
-        ),
-        trainer_args(out / "reward_model", sizes.rm_epochs, sizes.rm_lr, batch=16, seed=args.seed),
-    )
-    stage_seconds["reward_model"] = time.perf_counter() - t
-    print(f"reward model ranks held-out pairs right: {rm_metrics['eval_accuracy']:.1%}")
-
-    print("\n== 5. rejection sampling: best of 16, then fine-tuning on the best ==")
-    t = time.perf_counter()
-    tokenizer = load_tokenizer(str(out / "sft"))
-    policy = load_policy(out / "sft")
-    reward_model = AutoModelForSequenceClassification.from_pretrained(out / "reward_model").eval()
-    sampling = SamplingArguments(
-        prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=TEMPERATURE,
-        top_p=1.0,        max_new_tokens=16, compile=COMPILE,
-    )  # fmt: skip
-    prompts = load_prompts(sampling.prompts)
-    records = rejection_sample(policy, tokenizer, {"helpfulness": reward_model}, prompts, sampling)
-    write_jsonl(str(out / "rejection_sampling_data.jsonl"), records)
-    curve = best_of_n_table(records, problems["rejection_sampling"])
-    plot_reward_curve(curve, str(out / "max_vs_median_reward.png"))
-    print_curve(curve)
-    del policy
-    gc.collect()
-    for name, k, model_dir in [
-        ("rejection sampling", args.finetune_best_of, out / "rejection_sampling"),
-        ("control: random", 1, out / "random_sample_control"),
-    ]:
-        data = out / f"data/best_of_{k}.jsonl"
-        write_jsonl(str(data), [favourite_of_first(record, k) for record in records])
-        run_sft(
-            ModelArguments(model=str(out / "sft")),
-            SFTArguments(train_file=str(data), max_length=CONTEXT),
-            trainer_args(model_dir, sizes.rs_epochs, sizes.rs_lr, batch=8, seed=args.seed),
-        )
-        results[name] = evaluate(model_dir, problems["eval"], eval_prompts)
-        report(name, results[name])
-    stage_seconds["rejection_sampling"] = time.perf_counter() - t
-
-    for result in results.values():
-        result["mean_reward"] = mean_reward(reward_model, tokenizer, eval_prompts, result["answers"])
-
-    print("\n== 6. chatting with the result through pipeline('text-generation') ==")
-    chat = chat_pipeline(out / "rejection_sampling")
-    for prompt, problem in list(zip(eval_prompts, problems["eval"], strict=False))[:3]:
-        messages = [{"role": "user", "content": prompt}]
-        reply = chat(messages, max_new_tokens=16, do_sample=False)[0]["generated_text"][-1]["content"]
-        print(f"user: {prompt}\nassistant: {reply}   [{'right' if is_correct(problem, reply) else 'wrong'}]")
-
-    wall = time.perf_counter() - start
-    print_table(results, len(problems["eval"]))
-    metrics = {
-        "stages": {name: {k: v for k, v in r.items() if k != "answers"} for name, r in results.items()},
-        "reward_model": rm_metrics,
-        "best_of_n": curve,
-        "sizes": asdict(sizes),
-        "seconds": {**stage_seconds, "total": wall},
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print("\nartefacts:")
-    for name, path in ARTEFACTS.items():
-        print(f"  {name:52s} {out / path}")
-    print(f"\ntotal wall time {wall / 60:.1f} min")
+    result = stage(*args, **kwargs)
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    return result
 
 
-def report(stage: str, result: dict) -> None:
+# Reporting: everything the recipe prints, in the order `main` prints it.
+
+
+def heading(title: str) -> None:
+    print(f"\n== {title} ==")
+
+
+def report_model(model: dict) -> None:
+    print(f"tiny Llama 2: {model['parameters'] / 1e6:.2f}M parameters, {model['layers']} layers, "
+          f"GQA {model['heads']} query / {model['kv_heads']} KV heads; "
+          f"final pretraining loss {model['final_loss']:.3f}")  # fmt: skip
+
+
+def report_conversion(out: Path) -> None:
+    print(f"llama2-convert hf-to-meta --input-dir {out / 'pretrained'} --output-dir {out / 'meta'} --num-shards 1")
+    print(f"llama2-convert meta-to-hf --input-dir {out / 'meta'} --output-dir {out / 'base'} --chat "
+          f"--max-position-embeddings {CONTEXT}")  # fmt: skip
+
+
+def report_stage(stage: str, result: dict) -> dict:
     print(f"{stage}: held-out exact-answer accuracy {result['accuracy']:.1%} in the chat format, "
           f"{result['accuracy_raw_text']:.1%} as raw text `digits=`")  # fmt: skip
+    return result
 
 
-def print_curve(curve: list[dict]) -> None:
+def report_reward_model(metrics: dict) -> None:
+    print(f"reward model ranks held-out pairs right: {metrics['eval_accuracy']:.1%}")
+
+
+def report_curve(curve: list[dict]) -> None:
     print("\n  N   mean max reward   mean median reward   RM's pick right   any sample right")
     for p in curve:
         print(
@@ -429,11 +479,24 @@ def print_curve(curve: list[dict]) -> None:
         )
 
 
-def print_table(results: dict[str, dict], n: int) -> None:
-    print(f"\n{n} held-out problems, greedy answers; every stage's rewards from the one reward model (trained on SFT)")
+def report_chat(turns: list[dict]) -> None:
+    for turn in turns:
+        print(f"user: {turn['user']}\nassistant: {turn['assistant']}   [{'right' if turn['right'] else 'wrong'}]")
+
+
+def report_table(stages: dict[str, dict], n: int, best_of: int) -> None:
+    print(f"\n{n} held-out problems, greedy answers; every stage's rewards from the one reward model (trained on SFT); "
+          f"rejection sampling fine-tuned on the best of {best_of}")  # fmt: skip
     print(f"{'stage':20s} {'accuracy (chat)':>16s} {'accuracy (raw text)':>20s} {'mean reward':>12s}")
-    for name, r in results.items():
+    for name, r in stages.items():
         print(f"{name:20s} {r['accuracy']:16.1%} {r['accuracy_raw_text']:20.1%} {r['mean_reward']:12.3f}")
+
+
+def report_artefacts(out: Path, wall: float) -> None:
+    print(f"\nmetrics written to {out / 'metrics.json'}\nartefacts:")
+    for name, path in ARTEFACTS.items():
+        print(f"  {name:52s} {out / path}")
+    print(f"\ntotal wall time {wall / 60:.1f} min")
 
 
 if __name__ == "__main__":
