@@ -4,11 +4,13 @@ The keyword names are those of transformers' `LlamaConfig`, so a Llama 2 `config
 as it is; the defaults are Llama 2 7B's (4096 positions, RMSNorm eps 1e-5), not `LlamaConfig`'s.
 """
 
+import math
 import os
 import shutil
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
@@ -24,6 +26,11 @@ AUTO_MAP = {
 # RoPE types the rotary embedding understands: the original one plus every scaling transformers implements
 # (`linear` position interpolation, `dynamic` NTK, `llama3`, `yarn`, ...).
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
+
+
+def _is_real(value: object) -> bool:
+    """An int or float, not a bool: JSON `true` is no RoPE factor."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @strict
@@ -87,9 +94,12 @@ class Llama2Config(PreTrainedConfig):
         self._check_rope()
 
     def _check_shapes(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        for name in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "max_position_embeddings",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size})."
@@ -102,6 +112,23 @@ class Llama2Config(PreTrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"`head_dim` ({self.head_dim}) must be even: RoPE rotates pairs of dimensions.")
+        # NaN fails every comparison, so `not eps > 0` also refuses it.
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            raise ValueError(
+                f"`rms_norm_eps` must be a positive finite number (Llama 2: 1e-5), got {self.rms_norm_eps}."
+            )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"`hidden_act` is {self.hidden_act!r}, which transformers does not know; use one of "
+                f"{', '.join(sorted(ACT2FN))} (Llama 2: silu)."
+            )
+        # transformers only warns here, for old Hub configs with `pad_token_id=-1`; an id outside the embedding
+        # table fails later, at the first forward, far from its cause.
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"`pad_token_id` must be a token id in [0, {self.vocab_size}) (`vocab_size` {self.vocab_size}), "
+                f"or null (Llama 2 has no pad token), got {self.pad_token_id}."
+            )
 
     def _check_rope(self) -> None:
         rope = self.rope_parameters
@@ -111,13 +138,14 @@ class Llama2Config(PreTrainedConfig):
                 f"`rope_parameters['rope_type']` (or `rope_scaling['type']`) is {rope_type!r}, which is not a known "
                 f"RoPE type; use one of {', '.join(ROPE_TYPES)}."
             )
-        if rope.get("rope_theta", 1.0) <= 0:
-            raise ValueError(f"`rope_theta` must be positive, got {rope['rope_theta']}.")
+        theta = rope.get("rope_theta", 10000.0)
+        if not _is_real(theta) or not (theta > 0 and math.isfinite(theta)):
+            raise ValueError(f"`rope_theta` must be a positive finite number (Llama 2: 10000.0), got {theta!r}.")
         if rope_type != "default":
             factor = rope.get("factor")
-            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+            if not _is_real(factor) or not (factor >= 1 and math.isfinite(factor)):
                 raise ValueError(
-                    f"`rope_parameters['factor']` must be a number >= 1 for RoPE type {rope_type!r} "
+                    f"`rope_parameters['factor']` must be a finite number >= 1 for RoPE type {rope_type!r} "
                     f"(how many times the trained context is stretched), got {factor!r}."
                 )
 

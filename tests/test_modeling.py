@@ -1,7 +1,10 @@
 """The model against transformers' `LlamaForCausalLM` on the same weights, and its own invariants."""
 
+import json
+
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
@@ -289,6 +292,68 @@ def test_prompt_longer_than_the_context_is_refused():
 def test_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(intermediate_size=0), "`intermediate_size` must be a positive integer, got 0"),
+        (dict(max_position_embeddings=-4), "`max_position_embeddings` must be a positive integer, got -4"),
+        (dict(head_dim=0), "`head_dim` must be a positive integer, got 0"),
+        (dict(rms_norm_eps=-1e-5), r"`rms_norm_eps` must be a positive finite number \(Llama 2: 1e-5\), got -1e-05"),
+        (dict(rms_norm_eps=float("nan")), "`rms_norm_eps` must be a positive finite number .*got nan"),
+        (dict(rope_theta=float("nan")), "`rope_theta` must be a positive finite number .*got nan"),
+        (dict(rope_theta=float("inf")), "`rope_theta` must be a positive finite number .*got inf"),
+        (dict(rope_theta="10000"), "`rope_theta` must be a positive finite number .*got '10000'"),
+        (dict(rope_scaling={"type": "linear", "factor": float("nan")}), r"`rope_parameters\['factor'\]` .*got nan"),
+        (dict(rope_scaling={"type": "dynamic", "factor": float("inf")}), r"`rope_parameters\['factor'\]` .*got inf"),
+        (dict(hidden_act="swiglu"), "`hidden_act` is 'swiglu', which transformers does not know; use one of .*silu"),
+        (dict(pad_token_id=96), r"`pad_token_id` must be a token id in \[0, 96\) .*or null .*got 96"),
+        (dict(pad_token_id=-1), r"`pad_token_id` must be a token id in \[0, 96\) .*got -1"),
+    ],
+)
+def test_config_refuses_a_bad_value_naming_field_value_and_range(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_config_type_errors_come_from_the_strict_dataclass():
+    # huggingface_hub's @strict already refuses a string or float where an int belongs, naming the field.
+    with pytest.raises(StrictDataclassFieldValidationError, match="'intermediate_size' expected int, got str"):
+        tiny_config(intermediate_size="128")
+
+
+LLAMA2_HUB_CONFIGS = {  # config.json of meta-llama/Llama-2-{7b,13b,70b}-hf, the keys that matter
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+    ),
+}
+
+
+@pytest.mark.parametrize("size", list(LLAMA2_HUB_CONFIGS))
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"rope_scaling": None},
+        {"rope_scaling": None, "pad_token_id": 0},
+        {"rope_scaling": {"type": "linear", "factor": 2.0}},
+        {"rope_scaling": {"type": "dynamic", "factor": 4.0}, "rope_theta": 1e6},
+    ],
+)
+def test_stock_llama2_config_json_still_loads(tmp_path, size, extra):
+    config_json = {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 4096, "model_type": "llama", "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True,
+        "vocab_size": 32000, **LLAMA2_HUB_CONFIGS[size], **extra,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    config = Llama2Config.from_pretrained(tmp_path)
+    assert config.intermediate_size == config_json["intermediate_size"]
+    assert config.pad_token_id == extra.get("pad_token_id")
+    assert config.rope_parameters["rope_type"] == (extra["rope_scaling"] or {}).get("type", "default")
 
 
 def test_config_defaults_are_llama2_7b():
