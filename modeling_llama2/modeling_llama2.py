@@ -28,6 +28,34 @@ from .configuration_llama2 import Llama2Config
 from .loss_llama2 import causal_lm_loss
 
 
+def context_length(config: Llama2Config) -> int | None:
+    """The longest sequence (prompt plus generated tokens) the model is fit to attend over: `max_position_embeddings`,
+    times the RoPE scaling's `factor` when one stretches it; None under `dynamic` NTK scaling, which recomputes its
+    frequencies for any length. For `yarn`/`llama3` configs whose `max_position_embeddings` already counts the
+    stretch, `factor` x it is generous: the bound is there to catch mistakes, never to refuse a valid request."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "default":
+        return config.max_position_embeddings
+    if rope["rope_type"] == "dynamic":
+        return None
+    return int(rope["factor"] * config.max_position_embeddings)
+
+
+def check_generation_length(config: Llama2Config, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuse a generation request whose prompt plus `max_new_tokens` cannot fit `context_length(config)`: past it,
+    unscaled RoPE continues with fluent-looking garbage rather than an error."""
+    limit = context_length(config)
+    if limit is None or prompt_length + max_new_tokens <= limit:
+        return
+    fix = f"ask for at most {limit - prompt_length} new tokens" if prompt_length < limit else "shorten the prompt"
+    raise ValueError(
+        f"A prompt of {prompt_length} tokens plus {max_new_tokens} new tokens does not fit the model's context of "
+        f"{limit} tokens (`max_position_embeddings` {config.max_position_embeddings}, RoPE type "
+        f"{config.rope_parameters['rope_type']!r}): {fix}, or set a RoPE scaling "
+        "(e.g. `rope_parameters={'rope_type': 'dynamic', 'factor': 2.0}`) to stretch the context."
+    )
+
+
 class Llama2RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 whatever the activations' dtype."""
 
@@ -283,6 +311,7 @@ class Llama2Model(Llama2PreTrainedModel):
             use_cache = False  # recomputed layers would write their keys and values to the cache twice
 
         if inputs_embeds is None:
+            self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
         # The mask is built as if there were no cache when the cache starts empty here: transformers then
         # detects packed sequences (position_ids restarting at 0) and keeps attention inside each of them.
@@ -330,6 +359,22 @@ class Llama2Model(Llama2PreTrainedModel):
             attentions=all_attentions,
         )
 
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse an empty input, and ids outside the embedding table with their range, instead of the embedding's
+        bare IndexError (a device-side assert on CUDA). Like the context check, the id range is not checked in
+        single-token decode steps (they feed back the model's own tokens) nor under compile, which keeps both free
+        of a device sync."""
+        if input_ids.shape[-1] == 0:
+            raise ValueError("`input_ids` holds no tokens: a prompt needs at least one (Llama 2's start with BOS).")
+        if input_ids.shape[-1] <= 1 or torch.compiler.is_compiling() or input_ids.device.type == "meta":
+            return
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"`input_ids` holds token ids from {low} to {high}, outside the vocabulary [0, "
+                f"{self.config.vocab_size}) (`vocab_size`): was the text encoded with another model's tokenizer?"
+            )
+
     def _check_context(self, position_ids: torch.Tensor) -> None:
         """Refuse a prompt or training sequence past the trained context unless a RoPE scaling stretches it:
         unscaled RoPE beyond it gives fluent-looking garbage rather than an error. Single-token decode steps
@@ -360,6 +405,15 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _validate_generated_length(self, generation_config, input_ids_length: int, has_default_max_length: bool):
+        """Also refuse a `generate` (hence `pipeline`) request whose prompt plus new tokens outgrows the context:
+        transformers only warns once it has happened. `_validate_generated_length` is private to transformers'
+        `GenerationMixin` (5.24); it is the one hook that sees the final `max_length` (prompt + `max_new_tokens`, or
+        `max_length` as given) before any compute. `test_generate_past_the_context_is_refused` fails if a later
+        transformers stops calling it."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        check_generation_length(self.config, input_ids_length, generation_config.max_length - input_ids_length)
 
     @property
     def loss_function(self) -> Callable:

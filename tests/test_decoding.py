@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.inference.decoding import generate, prefill, sample_n, select_next
+from modeling_llama2.inference.decoding import decode, generate, prefill, sample_n, select_next
 
 from .conftest import tiny_config
 
@@ -144,3 +144,64 @@ def test_more_compiled_variants_than_dynamos_default_limit(model, cheap_compile)
         for max_cache_len in (24, 32, 40):
             ids = prompts(batch, 5, seed=batch)
             assert generate(model, ids, max_new_tokens=4, max_cache_len=max_cache_len).shape == (batch, 9)
+
+
+def test_top_p_zero_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 3.0, 0.5, -1.0], [2.0, -1.0, 0.0, 5.0]])
+    assert select_next(logits, temperature=1.0, top_p=0.0).tolist() == [1, 3]  # not token 0 every time
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), r"at least one token, got shape \(1, 0\)"),
+        (dict(max_new_tokens=-1), "`max_new_tokens` must be >= 0, got -1"),
+        (dict(input_ids=torch.tensor([[1, 96, 5]])), r"token ids from 1 to 96, outside the vocabulary \[0, 96\)"),
+        (dict(input_ids=torch.tensor([[1, -1]])), r"token ids from -1 to 1, outside the vocabulary"),
+        (dict(temperature=-0.5), r"`temperature` must be >= 0 \(0: greedy\), got -0.5"),
+        (dict(temperature=float("nan")), "`temperature` must be >= 0 .*got nan"),
+        (dict(temperature=1.0, top_p=1.5), r"`top_p` must be in \[0, 1\] .*got 1.5"),
+        (dict(max_new_tokens=200), "A prompt of 4 tokens plus 200 new tokens does not fit the model's context of 128"),
+        (dict(max_cache_len=6), "`max_cache_len` 6 is too small for a prompt of 4 tokens plus 4 new ones"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["generate", "sample_n"])
+def test_bad_requests_are_refused_before_any_compute(model, entry, kwargs, message):
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    request = {"input_ids": prompts(1, 4), "max_new_tokens": 4, "compile": False, **kwargs}
+    try:
+        with pytest.raises(ValueError, match=message):
+            generate(model, **request) if entry == "generate" else sample_n(model, n=2, **request)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_decode_refuses_more_tokens_than_the_cache_or_context_holds(model):
+    logits, cache = prefill(model, prompts(1, 10), max_cache_len=16)
+    with pytest.raises(ValueError, match="The cache has 6 free slots after its 10 prompt tokens, too few for 7"):
+        decode(model, logits, cache, max_new_tokens=7, compile=False)
+    with pytest.raises(ValueError, match="`max_new_tokens` must be >= 0, got -2"):
+        decode(model, logits, cache, max_new_tokens=-2, compile=False)
+    logits, cache = prefill(model, prompts(1, 120), max_cache_len=256)
+    with pytest.raises(ValueError, match="A prompt of 120 tokens plus 9 new tokens .* ask for at most 8 new tokens"):
+        decode(model, logits, cache, max_new_tokens=9, compile=False)
+
+
+def test_sample_n_refuses_zero_samples(model):
+    with pytest.raises(ValueError, match="`n` must be at least 1 sample, got 0"):
+        sample_n(model, prompts(1, 4), n=0, max_new_tokens=2, compile=False)
+
+
+def test_rope_scaling_stretches_the_context_generation_may_fill():
+    torch.manual_seed(0)
+    linear = Llama2ForCausalLM(tiny_config(max_position_embeddings=16, rope_scaling={"type": "linear", "factor": 2.0}))
+    ids = prompts(1, 10)
+    assert generate(linear.eval(), ids, max_new_tokens=22, compile=False).shape == (1, 32)  # 2 x 16
+    with pytest.raises(ValueError, match="context of 32 tokens .*RoPE type 'linear'"):
+        generate(linear, ids, max_new_tokens=23, compile=False)
+    dynamic = Llama2ForCausalLM(
+        tiny_config(max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 2.0})
+    )
+    assert generate(dynamic.eval(), ids, max_new_tokens=40, compile=False).shape == (1, 50)  # NTK: any length

@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassFieldValidationError
+from transformers import pipeline
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM
 from modeling_llama2.loss_llama2 import causal_lm_loss
 
+from .alignment_helpers import alignment_config
 from .conftest import TINY, model_pair, tiny_config
 
 ATOL = 1e-5
@@ -378,3 +380,32 @@ def test_packed_sequences_attend_only_within_themselves(attn_implementation):
     packed_logits = logits(ours, packed, position_ids=position_ids)[0]
     alone = torch.cat([logits(ours, s.unsqueeze(0))[0] for s in sequences])
     torch.testing.assert_close(packed_logits, alone, atol=ATOL, rtol=0)
+
+
+def test_generate_past_the_context_is_refused(tokenizer):
+    # Through the private `_validate_generated_length` hook: this fails if transformers stops calling it.
+    ours, _ = model_pair(max_position_embeddings=32)
+    ids = torch.randint(1, TINY["vocab_size"], (1, 10))
+    with pytest.raises(ValueError, match="A prompt of 10 tokens plus 23 new tokens .*context of 32 .*at most 22 new"):
+        ours.generate(ids, max_new_tokens=23, do_sample=False)
+    with pytest.raises(ValueError, match="A prompt of 10 tokens plus 30 new tokens"):
+        ours.generate(ids, max_length=40, do_sample=False)
+    free = dict(do_sample=False, eos_token_id=None, pad_token_id=0)  # no early stop
+    assert ours.generate(ids, max_new_tokens=22, **free).shape == (1, 32)
+    assert ours.generate(ids, **free).shape == (1, 30)  # transformers' default length, cut at the context
+
+    torch.manual_seed(0)
+    lm = Llama2ForCausalLM(alignment_config(len(tokenizer), max_position_embeddings=32)).eval()
+    generator = pipeline("text-generation", model=lm, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="new tokens does not fit the model's context of 32 tokens"):
+        generator("the cat sat on the mat", max_new_tokens=40, do_sample=False)
+
+
+def test_empty_and_out_of_vocabulary_input_ids_are_refused():
+    ours, _ = model_pair()
+    with pytest.raises(ValueError, match="`input_ids` holds no tokens"):
+        ours.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match=r"token ids from 1 to 96, outside the vocabulary \[0, 96\)"):
+        ours(torch.tensor([[1, 96, 5]]))
+    with pytest.raises(ValueError, match=r"token ids from -2 to 5, outside the vocabulary"):
+        ours.generate(torch.tensor([[1, -2, 5]]), max_new_tokens=3, do_sample=False)

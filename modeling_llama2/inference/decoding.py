@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from .. import torch_internals
+from ..modeling_llama2 import check_generation_length
 
 
 def select_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -29,6 +30,7 @@ def select_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) ->
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the tokens before already reach top_p
+        outside[..., 0] = False  # the most likely token stays, whatever top_p (Meta's sample_top_p keeps it too)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
@@ -66,6 +68,50 @@ def _compiled_step(*args) -> torch.Tensor:
 # limit of 8 graphs per function is soon reached by a process that decodes with several models (fp32, CPU kernels,
 # int8).
 MAX_COMPILED_STEPS = 64
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse a negative (or NaN) temperature, which would silently sample the least likely tokens, and a top-p
+    outside [0, 1]."""
+    if not temperature >= 0:
+        raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature}.")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"`top_p` must be in [0, 1] (1: sample from every token), got {top_p}.")
+
+
+def check_request(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    max_cache_len: int | None,
+) -> None:
+    """Refuse, before any compute, what would otherwise fail deep inside the model or decode past its context: an
+    empty prompt, ids outside the vocabulary, a negative `max_new_tokens`, a prompt plus new tokens longer than the
+    context or than `max_cache_len`, and bad sampling settings."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"`input_ids` must be (batch, length) with at least one token, got shape {tuple(input_ids.shape)}."
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
+    check_sampling(temperature, top_p)
+    low, high = (int(v) for v in torch.aminmax(input_ids))
+    vocab_size = model.config.vocab_size
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"`input_ids` holds token ids from {low} to {high}, outside the vocabulary [0, {vocab_size}) "
+            "(`vocab_size`)."
+        )
+    length = input_ids.shape[1] + max_new_tokens
+    check_generation_length(model.config, input_ids.shape[1], max_new_tokens)
+    if max_cache_len is not None and max_cache_len < length:
+        raise ValueError(
+            f"`max_cache_len` {max_cache_len} is too small for a prompt of {input_ids.shape[1]} tokens plus "
+            f"{max_new_tokens} new ones: pass at least {length}."
+        )
 
 
 def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -124,6 +170,16 @@ def decode(
     `attention_mask`). Rows that produced `eos_token_id` continue with `pad_token_id`; decoding stops early once
     all rows have. On an accelerator that is checked every 16 tokens, as each check waits for the device; on a
     CPU after every token. The result ends where `generate` would have stopped."""
+    if max_new_tokens < 0:
+        raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
+    check_sampling(temperature, top_p)
+    filled, slots = int(cache.get_seq_length()), cache.get_max_length()
+    if filled + max_new_tokens > slots:
+        raise ValueError(
+            f"The cache has {slots - filled} free slots after its {filled} prompt tokens, too few for "
+            f"{max_new_tokens} new tokens: prefill with a `max_cache_len` of at least {filled + max_new_tokens}."
+        )
+    check_generation_length(model.config, filled, max_new_tokens)
     step = _compiled_step if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
@@ -174,6 +230,10 @@ def generate(
     `model.generate(input_ids, attention_mask=attention_mask, do_sample=False, ...)`, else samples (nucleus
     sampling below `top_p` < 1). Prompts of different lengths are left-padded, with their `attention_mask`. The
     compiled step is specialized to the cache's shape: pass one `max_cache_len` for all calls to compile once."""
+    check_request(
+        model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        max_cache_len=max_cache_len,
+    )  # fmt: skip
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
     logits, cache = prefill(model, input_ids, max_cache_len, attention_mask=attention_mask)
     new = decode(
@@ -201,6 +261,12 @@ def sample_n(
     keys and values are copied to the `n` rows of the cache."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"`sample_n` takes one prompt, got a batch of {input_ids.shape[0]}.")
+    if n < 1:
+        raise ValueError(f"`n` must be at least 1 sample, got {n}.")
+    check_request(
+        model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        max_cache_len=max_cache_len,
+    )  # fmt: skip
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
     logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
     new = decode(
