@@ -23,6 +23,17 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_llama2.Llama2ForSequenceClassification",
 }
 
+# The two ways a checkpoint can be written. `llama` is transformers' stock Llama (`LlamaForCausalLM` in
+# `architectures`, no custom code), which every Llama tool reads; `llama2` is this package's own type, with `auto_map`
+# and the source files beside the weights, so `AutoModelForCausalLM` gives this package's model.
+STOCK_MODEL_TYPE = "llama"
+MODEL_TYPES = (STOCK_MODEL_TYPE, "llama2")
+STOCK_ARCHITECTURES = {
+    "Llama2Model": "LlamaModel",
+    "Llama2ForCausalLM": "LlamaForCausalLM",
+    "Llama2ForSequenceClassification": "LlamaForSequenceClassification",
+}
+
 # RoPE types the rotary embedding understands: the original one plus every scaling transformers implements
 # (`linear` position interpolation, `dynamic` NTK, `llama3`, `yarn`, ...).
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
@@ -81,6 +92,9 @@ class Llama2Config(PreTrainedConfig):
     attention_dropout: int | float | None = 0.0
     mlp_bias: bool = False
     auto_map: dict | None = None
+    # Which `model_type` `save_pretrained` writes (see MODEL_TYPES); a config read from a stock Llama folder keeps
+    # `llama`, so a fine-tuned Hub Llama is saved as a Hub Llama. Not itself written to `config.json`.
+    checkpoint_format: str = "llama2"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -90,6 +104,10 @@ class Llama2Config(PreTrainedConfig):
         if self.auto_map is None:
             self.auto_map = dict(AUTO_MAP)
         super().__post_init__(**kwargs)
+        if self.checkpoint_format not in MODEL_TYPES:
+            raise ValueError(
+                f"`checkpoint_format` must be one of {', '.join(MODEL_TYPES)}, got {self.checkpoint_format!r}."
+            )
         self._check_shapes()
         self._check_rope()
 
@@ -149,19 +167,51 @@ class Llama2Config(PreTrainedConfig):
                     f"(how many times the trained context is stretched), got {factor!r}."
                 )
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> tuple[dict, dict]:
+        """Read a stock Llama `config.json` as this config (quietly: the weights are the same), remembering to
+        write it back as one, and refuse other model types (Mistral's sliding window, say, would be dropped)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} model; Llama2Config reads Llama checkpoints "
+                f"(model_type {' or '.join(map(repr, MODEL_TYPES))}) only."
+            )
+        return {**config_dict, "model_type": cls.model_type, "checkpoint_format": model_type}, kwargs
+
+    def to_dict(self) -> dict:
+        """As `config.json` holds it: for the stock format, transformers' Llama type and class names, no `auto_map`,
+        and `rope_theta` also at the top level, where readers older than `rope_parameters` look for it."""
+        output = super().to_dict()
+        output.pop("checkpoint_format", None)
+        if self.checkpoint_format == STOCK_MODEL_TYPE:
+            output["model_type"] = STOCK_MODEL_TYPE
+            output.pop("auto_map", None)
+            if output.get("architectures"):
+                output["architectures"] = [STOCK_ARCHITECTURES.get(name, name) for name in output["architectures"]]
+            output["rope_theta"] = self.rope_parameters["rope_theta"]
+        return output
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save `config.json` and the source files `auto_map` names, so the directory loads with
-        `trust_remote_code=True` where this package is not installed."""
+        """Save `config.json` and, for this package's own format, the source files `auto_map` names, so the folder
+        loads with `trust_remote_code=True` where this package is not installed."""
         super().save_pretrained(save_directory, **kwargs)
-        for path in remote_code_files():
-            shutil.copyfile(path, os.path.join(save_directory, os.path.basename(path)))
+        if self.checkpoint_format != STOCK_MODEL_TYPE:
+            for path in remote_code_files():
+                shutil.copyfile(path, os.path.join(save_directory, os.path.basename(path)))
 
 
 def remote_code_files() -> list[str]:
-    """The source files `AUTO_MAP` names, found beside this one, and those they import relatively."""
+    """The source files `AUTO_MAP` names, found beside this one, and those they import relatively.
+
+    Run as remote code, this module sits in transformers' module cache, which holds only the modules loaded so far
+    (a config loaded alone has no modeling file beside it): those missing are skipped, and a model's
+    `save_pretrained` copies its own (transformers' `custom_object_save`, for remote-code models).
+    """
     here = os.path.dirname(os.path.abspath(__file__))
     modules = {os.path.join(here, reference.split(".")[0] + ".py") for reference in AUTO_MAP.values()}
-    files = set(modules)
-    for module in modules:
+    files = {module for module in modules if os.path.exists(module)}
+    for module in sorted(files):
         files.update(get_relative_import_files(module))
     return sorted(files)

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     pipeline,
 )
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM, Llama2ForSequenceClassification, Llama2Model
 
@@ -61,7 +63,8 @@ REMOTE_SCRIPT = textwrap.dedent(
         pass
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path, inputs = sys.argv[1], sys.argv[2]
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
@@ -73,6 +76,18 @@ REMOTE_SCRIPT = textwrap.dedent(
         tokens = model.generate(input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
     head = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=1)
     assert type(head).__name__ == "Llama2ForSequenceClassification", type(head)
+
+    # Each saves again where the package is missing, and the copy loads again (with remote code) to the same outputs.
+    AutoConfig.from_pretrained(path, trust_remote_code=True).save_pretrained(path + "-config")
+    assert AutoConfig.from_pretrained(path + "-config", trust_remote_code=True).hidden_size == model.config.hidden_size
+    merged = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).merge_and_unload()
+    for name, saved, auto in [("lm", model, AutoModelForCausalLM), ("merged", merged, AutoModelForCausalLM),
+                              ("head", head, AutoModelForSequenceClassification)]:
+        saved.save_pretrained(path + "-" + name)
+        again = auto.from_pretrained(path + "-" + name, trust_remote_code=True)
+        assert type(again).__name__ == type(saved).__name__, (name, type(again))
+        with torch.no_grad():
+            assert torch.equal(again(input_ids).logits, saved(input_ids).logits), name
     torch.save({"logits": logits, "tokens": tokens}, inputs + ".out")
     """
 )
@@ -122,12 +137,32 @@ def test_hub_llama_checkpoint_loads_into_llama2(tmp_path):
     config.update(rope_theta=10000.0, rope_scaling=None, architectures=["LlamaForCausalLM"])
     (tmp_path / "config.json").write_text(json.dumps(config))
 
-    ours = Llama2ForCausalLM.from_pretrained(tmp_path)
+    with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as log:
+        ours = Llama2ForCausalLM.from_pretrained(tmp_path)
+    assert "model of type" not in log.out  # the weights are the same: no warning about the model type
     assert isinstance(ours.config, Llama2Config)
     assert ours.config.rope_parameters["rope_theta"] == 10000.0
     input_ids = torch.randint(1, TINY["vocab_size"], (2, 15))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids).logits, reference(input_ids).logits, atol=1e-5, rtol=0)
+
+    # A Hub Llama fine-tuned with this package stays a Hub Llama: stock type and class names, no custom code.
+    ours.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again/config.json").read_text())
+    assert (saved["model_type"], saved["architectures"], saved["rope_theta"]) == ("llama", ["LlamaForCausalLM"], 1e4)
+    assert "auto_map" not in saved and not list((tmp_path / "again").glob("*.py"))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert type(stock) is LlamaForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids).logits, reference(input_ids).logits, atol=0, rtol=0)
+
+
+def test_other_model_types_are_refused(tmp_path):
+    LlamaConfig(**TINY).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 4096}))
+    with pytest.raises(ValueError, match="holds a 'mistral' model; Llama2Config reads Llama checkpoints"):
+        Llama2Config.from_pretrained(tmp_path)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
