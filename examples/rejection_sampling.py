@@ -4,8 +4,8 @@ as a new SFT data set, optionally fine-tuned on right away.
     python examples/rejection_sampling.py --model out/sft --helpfulness-rm out/rm_helpfulness \
         --safety-rm out/rm_safety --prompts prompts.jsonl --num-samples 16 --output-dir out/rs_v1 [--finetune]
 
-Writes best_of_n.jsonl, reward_vs_n.json and reward_vs_n.png to --output-dir (and the fine-tuned model with
---finetune). See examples/README.md.
+Writes best_of_n.jsonl, reward_vs_n.json and reward_vs_n.png (when matplotlib is installed) to --output-dir (and the
+fine-tuned model with --finetune). See examples/README.md.
 """
 
 import gc
@@ -17,23 +17,18 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from modeling_llama2.alignment.rejection_sampling import (
     SamplingArguments,
+    check_sampling_args,
     load_prompts,
     plot_reward_curve,
     rejection_sample,
     reward_curve,
+    reward_model_config,
 )
 from modeling_llama2.alignment.sft import SFTArguments, run_sft
-from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, parse_args, write_jsonl
+from modeling_llama2.alignment.training import ModelArguments, cli, load_tokenizer, parse_args, write_jsonl
 
 
-def load_reward_model(path, objective, device):
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto").to(device).eval()
-    trained_for = model.config.id2label.get(0)
-    if trained_for in ("helpfulness", "safety") and trained_for != objective:
-        raise ValueError(f"--{objective}-rm {path} is a {trained_for} reward model; swap the two paths.")
-    return model
-
-
+@cli  # a mistake in the arguments or data: one `error: ...` line, exit code 2
 def main(argv: list[str] | None = None) -> None:
     model_args, args, training_args = parse_args(
         ModelArguments,
@@ -43,9 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         lr_scheduler_type="cosine",
         num_train_epochs=2,
     )
-    paths = {"helpfulness": args.helpfulness_rm, "safety": args.safety_rm}
-    if not any(paths.values()):
-        raise SystemExit("Give --helpfulness-rm, --safety-rm or both.")
+    # Everything that can be checked without weights is checked before the policy is loaded.
+    check_sampling_args(args)
+    prompts = load_prompts(args.prompts)
+    paths = {name: path for name, path in (("helpfulness", args.helpfulness_rm), ("safety", args.safety_rm)) if path}
+    for name, path in paths.items():
+        reward_model_config(path, name)
+
     set_seed(training_args.seed)
     device = training_args.device
     tokenizer = load_tokenizer(model_args.model)
@@ -53,8 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         model_args.model, dtype="auto", attn_implementation=model_args.attn_implementation
     )
     policy = policy.to(device).eval()
-    reward_models = {name: load_reward_model(path, name, device) for name, path in paths.items() if path}
-    records = rejection_sample(policy, tokenizer, reward_models, load_prompts(args.prompts), args)
+    reward_models = {
+        name: AutoModelForSequenceClassification.from_pretrained(path, dtype="auto").to(device).eval()
+        for name, path in paths.items()
+    }
+    records = rejection_sample(policy, tokenizer, reward_models, prompts, args)
 
     os.makedirs(training_args.output_dir, exist_ok=True)
     data_path = os.path.join(training_args.output_dir, "best_of_n.jsonl")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     curve = reward_curve(torch.tensor([[sample["reward"] for sample in r["samples"]] for r in records]))
     with open(os.path.join(training_args.output_dir, "reward_vs_n.json"), "w") as f:
         json.dump(curve, f, indent=2)
-    plot_reward_curve(curve, os.path.join(training_args.output_dir, "reward_vs_n.png"))
+    if not plot_reward_curve(curve, os.path.join(training_args.output_dir, "reward_vs_n.png")):
+        print("reward_vs_n.png skipped: matplotlib is not installed (pip install matplotlib); see reward_vs_n.json.")
     print("    N   mean max   mean median")
     for point in curve:
         print(f"{point['n']:5d}   {point['max']:.4f}     {point['median']:.4f}")

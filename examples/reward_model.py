@@ -7,9 +7,10 @@ See examples/README.md for the data format and flags; every `TrainingArguments` 
 """
 
 from modeling_llama2.alignment.reward import RewardArguments, run_reward_model
-from modeling_llama2.alignment.training import ModelArguments, parse_args
+from modeling_llama2.alignment.training import ModelArguments, cli, parse_args
 
 
+@cli  # a data error: one `error: ...` line, exit code 2
 def main(argv: list[str] | None = None) -> None:
     model_args, reward_args, training_args = parse_args(
         ModelArguments,

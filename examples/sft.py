@@ -6,9 +6,10 @@ See examples/README.md for the data format and flags; every `TrainingArguments` 
 """
 
 from modeling_llama2.alignment.sft import SFTArguments, run_sft
-from modeling_llama2.alignment.training import ModelArguments, parse_args
+from modeling_llama2.alignment.training import ModelArguments, cli, parse_args
 
 
+@cli  # a data error: one `error: ...` line, exit code 2
 def main(argv: list[str] | None = None) -> None:
     model_args, sft_args, training_args = parse_args(
         ModelArguments,

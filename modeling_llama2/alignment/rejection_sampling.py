@@ -5,12 +5,13 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..chat_format import encode_dialog, tokenizer_encoder
 from ..inference import decoding
+from ..modeling_llama2 import context_length
 from .scoring import combined_reward, encode_response, prompt_messages, score
-from .training import read_jsonl
+from .training import InputError, read_jsonl
 
 
 @dataclass
@@ -30,6 +31,41 @@ class SamplingArguments:
     )
     finetune: bool = field(default=False, metadata={"help": "Fine-tune the policy on the best responses right away."})
     max_length: int = field(default=4096, metadata={"help": "Tokens per sample for --finetune."})
+
+
+def check_sampling_args(args: SamplingArguments) -> None:
+    """Refuse settings that cannot give a best of N, before anything is loaded."""
+    if not (args.helpfulness_rm or args.safety_rm):
+        raise InputError("give --helpfulness-rm, --safety-rm or both.")
+    if args.num_samples < 1:
+        raise InputError(f"--num-samples must be at least 1 (N responses per prompt), got {args.num_samples}.")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if not args.temperature >= 0:
+        raise InputError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}.")
+    if not 0 <= args.top_p <= 1:
+        raise InputError(f"--top-p must be in [0, 1], got {args.top_p}.")
+
+
+def reward_model_config(path: str, objective: str) -> PreTrainedConfig:
+    """The config of the reward model at `path`, checked before any weights are loaded: it must exist and be a
+    one-output sequence classifier (a causal LM would be scored by a randomly initialized head) trained for
+    `objective` when its label says so."""
+    flag = f"--{objective}-rm"
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} {path}: no model there ({str(e).splitlines()[0]})") from e
+    architectures = config.architectures or []
+    if config.num_labels != 1 or not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise InputError(
+            f"{flag} {path} is not a reward model (architectures {architectures}, num_labels {config.num_labels}): "
+            "its score head would be random. Train one with examples/reward_model.py."
+        )
+    trained_for = config.id2label.get(0)
+    if trained_for in ("helpfulness", "safety") and trained_for != objective:
+        raise InputError(f"{flag} {path} is a {trained_for} reward model; swap the two paths.")
+    return config
 
 
 CACHE_BUCKET = 256  # static caches are sized in steps of this, so prompts of similar length share one compiled step
@@ -73,11 +109,13 @@ def load_prompts(path: str) -> list[dict]:
     prompts = []
     for line_no, record in read_jsonl(path):
         if "prompt" not in record and "messages" not in record:
-            raise ValueError(f'{path}:{line_no}: need "prompt" (text) or "messages" (a dialog), got {sorted(record)}.')
+            raise InputError(f'{path}:{line_no}: need "prompt" (text) or "messages" (a dialog), got {sorted(record)}.')
         messages = prompt_messages(record.get("messages", record.get("prompt")))
         if not messages or messages[-1].get("role") != "user":
-            raise ValueError(f"{path}:{line_no}: the dialog must end with the user message to answer.")
+            raise InputError(f"{path}:{line_no}: the dialog must end with the user message to answer.")
         prompts.append({"messages": messages, "unsafe": bool(record.get("unsafe", False))})
+    if not prompts:
+        raise InputError(f"{path} holds no prompts.")
     return prompts
 
 
@@ -96,14 +134,15 @@ def rejection_sample(
     """
     encode = tokenizer_encoder(tokenizer)
     records = []
-    context = policy.config.max_position_embeddings
-    for i, prompt in enumerate(tqdm(prompts, desc=f"best of {args.num_samples}"), 1):
-        prompt_ids = encode_dialog(prompt["messages"], encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
-        if len(prompt_ids) + args.max_new_tokens > context:
-            raise ValueError(
+    context = context_length(policy.config)
+    all_ids = [encode_dialog(p["messages"], encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0] for p in prompts]
+    for i, prompt_ids in enumerate(all_ids, 1):  # all checked before the first is sampled
+        if context is not None and len(prompt_ids) + args.max_new_tokens > context:
+            raise InputError(
                 f"Prompt {i} has {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
                 f"model's context of {context} tokens. Shorten or drop the prompt, or lower --max-new-tokens."
             )
+    for prompt, prompt_ids in zip(tqdm(prompts, desc=f"best of {args.num_samples}"), all_ids, strict=True):
         sampled = sample_responses(
             policy, prompt_ids, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
             tokenizer.pad_token_id, args.compile,
@@ -142,8 +181,13 @@ def reward_curve(rewards: torch.Tensor) -> list[dict]:
     return curve
 
 
-def plot_reward_curve(curve: list[dict], path: str) -> None:
-    import matplotlib
+def plot_reward_curve(curve: list[dict], path: str) -> bool:
+    """Plot `reward_curve` to `path`; returns False, plotting nothing, where matplotlib (optional) is not
+    installed: the curve is in `reward_vs_n.json` anyway."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,3 +205,4 @@ def plot_reward_curve(curve: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

@@ -1,7 +1,8 @@
 """Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin and per-rating accuracy."""
 
+import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -14,18 +15,31 @@ from transformers import (
 )
 
 from .scoring import encode_response, pad_right, prompt_messages
-from .training import ModelArguments, load_tokenizer, read_jsonl, train, truncate
+from .training import (
+    InputError,
+    ModelArguments,
+    check_fits_context,
+    load_tokenizer,
+    model_context,
+    read_jsonl,
+    train,
+    truncate,
+)
+
+logger = logging.getLogger(__name__)
 
 RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
 # Table 27 of the Llama 2 paper: margin m(rating) per rating, in the order of RATINGS.
 MARGINS = {"small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0), "none": (0.0, 0.0, 0.0, 0.0)}
+Objective = Literal["helpfulness", "safety"]
+OBJECTIVES = get_args(Objective)  # the paper's two reward models
 
 
 @dataclass
 class RewardArguments:
     train_file: str = field(metadata={"help": 'JSONL of {"prompt", "chosen", "rejected", "rating"}.'})
     eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
-    objective: Literal["helpfulness", "safety"] = field(
+    objective: Objective = field(
         default="helpfulness",
         metadata={
             "help": "Which of the paper's two reward models; records tagged with another `objective` are skipped."
@@ -43,25 +57,43 @@ def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Ten
 
 
 def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArguments) -> list[dict]:
-    """Tokenized comparisons `{"chosen", "rejected", "rating", "margin"}` of the records for `args.objective`."""
-    pairs = []
+    """Tokenized comparisons `{"chosen", "rejected", "rating", "margin"}` of the records for `args.objective`.
+
+    Records tagged with an unknown objective are refused (a typo would otherwise drop them from both reward
+    models); those whose chosen and rejected responses are the same text are skipped with a warning, as their loss
+    has no gradient."""
+    pairs, ties = [], 0
     for line_no, record in read_jsonl(path, required=("prompt", "chosen", "rejected", "rating")):
         where = f"{path}:{line_no}"
-        if record.get("objective", args.objective) != args.objective:
+        objective = record.get("objective", args.objective)
+        if objective not in OBJECTIVES:
+            raise InputError(
+                f"{where}: unknown objective {objective!r}; use one of {list(OBJECTIVES)}, or leave the field out "
+                "to train either reward model on the record."
+            )
+        if objective != args.objective:
             continue
         if record["rating"] not in RATINGS:
-            raise ValueError(f"{where}: unknown rating {record['rating']!r}; use one of {list(RATINGS)}.")
+            raise InputError(f"{where}: unknown rating {record['rating']!r}; use one of {list(RATINGS)}.")
+        if record["chosen"] == record["rejected"]:
+            ties += 1
+            continue
         rating = RATINGS.index(record["rating"])
         pair = {"rating": rating, "margin": MARGINS[args.margin][rating]}
         for key in ("chosen", "rejected"):
             try:
                 ids, labels = encode_response(tokenizer, prompt_messages(record["prompt"]), record[key])
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from e
+                raise InputError(f"{where}: {e}") from e
             pair[key] = truncate(ids, labels, args.max_length, where)[0]
         pairs.append(pair)
+    if ties:
+        logger.warning(
+            f"{path}: skipped {ties} {args.objective} comparison(s) whose chosen and rejected responses are the same "
+            "text: they carry no preference."
+        )
     if not pairs:
-        raise ValueError(f"{path} holds no {args.objective} comparisons.")
+        raise InputError(f"{path} holds no {args.objective} comparisons.")
     return pairs
 
 
@@ -120,6 +152,7 @@ def run_reward_model(
 ) -> dict:
     """Train a one-output reward model from `model_args.model` (the SFT model); save it and `metrics.json`."""
     tokenizer = load_tokenizer(model_args.model)
+    context = model_context(model_args.model)
 
     def load_base():
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -133,7 +166,9 @@ def run_reward_model(
         return model
 
     def pairs(path):
-        return load_pairs(path, tokenizer, reward_args)
+        loaded = load_pairs(path, tokenizer, reward_args)
+        check_fits_context([len(p[key]) for p in loaded for key in ("chosen", "rejected")], context, path)
+        return loaded
 
     return train(
         RewardTrainer, model_args, training_args, load_base=load_base, task_type="SEQ_CLS", tokenizer=tokenizer,

@@ -14,7 +14,16 @@ from transformers import (
 )
 
 from ..chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
-from .training import ModelArguments, load_tokenizer, read_jsonl, train, truncate
+from .training import (
+    InputError,
+    ModelArguments,
+    check_fits_context,
+    load_tokenizer,
+    model_context,
+    read_jsonl,
+    train,
+    truncate,
+)
 
 
 @dataclass
@@ -48,11 +57,11 @@ def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: 
             if messages[-1]["role"] != "assistant":
                 raise ValueError("the dialog must end with an assistant message, the answer to learn")
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
+            raise InputError(f"{where}: {e}") from e
         ids, labels = truncate(ids, labels, max_length, where)
         samples.append({"input_ids": ids, "labels": labels})
     if not samples:
-        raise ValueError(f"{path} holds no records.")
+        raise InputError(f"{path} holds no records.")
     return samples
 
 
@@ -104,6 +113,7 @@ def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: T
     """Fine-tune `model_args.model` on `sft_args.train_file`; save the model and `metrics.json` in the output
     directory. Returns the metrics."""
     tokenizer = load_tokenizer(model_args.model)
+    context = model_context(model_args.model)
 
     def load_base():
         return AutoModelForCausalLM.from_pretrained(
@@ -112,6 +122,7 @@ def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: T
 
     def dataset(path):
         samples = load_sft_samples(path, tokenizer, sft_args.max_length)
+        check_fits_context([len(s["input_ids"]) for s in samples], context, path)
         return pack(samples, sft_args.max_length) if sft_args.packing else samples
 
     return train(

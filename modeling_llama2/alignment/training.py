@@ -5,23 +5,47 @@ The scripts in `examples/` are thin wrappers over `run_sft`, `run_reward_model` 
 holds the plumbing they would otherwise each repeat.
 """
 
+import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
 from ..chat_format import IGNORE_INDEX
+from ..modeling_llama2 import context_length
+
+
+class InputError(ValueError):
+    """A mistake in the command line or the data. The scripts report it as one `error: ...` line with exit code 2, as
+    argparse does, instead of a traceback: the fix is in what was given, not in the code."""
+
+
+def cli(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], None]:
+    """Wrap a script's `main(argv)` so that an `InputError` ends it with `error: <message>` and exit code 2."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> None:
+        try:
+            main(argv)
+        except InputError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
 
 
 @dataclass
@@ -61,6 +85,8 @@ def parse_args(*dataclass_types: type, argv: Sequence[str] | None = None, **defa
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
     """Yield `(line number, record)` for every non-blank line, checking the fields every record needs."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file.")
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -68,10 +94,10 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int,
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e}); write one JSON object per line.") from e
+                raise InputError(f"{path}:{line_no}: not valid JSON ({e}); write one JSON object per line.") from e
             missing = [key for key in required if key not in record]
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{line_no}: missing field(s) {missing}; every record needs {list(required)}, "
                     f"this one has {sorted(record)}."
                 )
@@ -89,11 +115,29 @@ def truncate(ids: list[int], labels: list[int], max_length: int, where: str) -> 
     """Cut a sample to `max_length` tokens, refusing when no answer token would be left to learn from."""
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError(
+        raise InputError(
             f"{where}: the prompt alone fills --max-length {max_length} (no answer token left to train on); "
             "raise --max-length, or shorten or drop this record."
         )
     return ids, labels
+
+
+def model_context(path: str) -> int | None:
+    """The context `path`'s model can attend over (see `context_length`), read from its config alone."""
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "rope_parameters", None) is None:
+        return getattr(config, "max_position_embeddings", None)
+    return context_length(config)
+
+
+def check_fits_context(lengths: list[int], context: int | None, path: str) -> None:
+    """Refuse, before training, samples that the model would refuse mid-run as longer than its context."""
+    too_long = [n for n in lengths if context is not None and n > context]
+    if too_long:
+        raise InputError(
+            f"{path}: {len(too_long)} of {len(lengths)} samples are longer than the model's context of {context} "
+            f"tokens (the longest has {max(too_long)}); pass --max-length {context} (or less) to truncate them."
+        )
 
 
 class ListDataset(Dataset):
@@ -162,6 +206,30 @@ def save_final(
             json.dump({**metrics, "world_size": trainer.args.world_size}, f, indent=2)
 
 
+class SessionStart(TrainerCallback):
+    """Where this `train()` call started: the step and token count of the checkpoint it resumed from (0 if none)."""
+
+    global_step: int = 0
+    num_input_tokens_seen: int = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.global_step, self.num_input_tokens_seen = state.global_step, state.num_input_tokens_seen
+
+
+def whole_run_loss(log_history: list[dict], resumed_at: int, session_loss: float, session_steps: int) -> float:
+    """Mean training loss per step over the whole run. Trainer's `train_loss` averages only the steps of this
+    session; the steps before `resumed_at` are taken from the checkpoint's logged losses, each weighing the steps since
+    the previous log. Steps trained after the last log before the checkpoint was saved were never logged and are
+    left out (none when `--save-steps` is a multiple of `--logging-steps`)."""
+    total, steps, previous = session_loss * session_steps, session_steps, 0
+    for entry in log_history:
+        if "loss" in entry and previous < entry["step"] <= resumed_at:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / max(steps, 1)
+
+
 def train(
     trainer_class: type[Trainer],
     model_args: ModelArguments,
@@ -184,9 +252,15 @@ def train(
         processing_class=tokenizer,
         **trainer_kwargs,
     )
+    start = SessionStart()
+    trainer.add_callback(start)
     metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
+    state = trainer.state
+    metrics["train_loss"] = whole_run_loss(
+        state.log_history, start.global_step, metrics["train_loss"], state.global_step - start.global_step
+    )
     # Non-padding tokens (every token when packed) per second in this session (a resumed run counts from its start).
-    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    tokens = state.num_input_tokens_seen - start.num_input_tokens_seen
     metrics["train_useful_tokens_per_second"] = tokens / metrics["train_runtime"]
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
