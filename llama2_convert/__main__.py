@@ -32,6 +32,15 @@ def _writer_options(parser: argparse.ArgumentParser) -> None:
     )
     _option(parser, "--tokenizer", help="tokenizer.model (default: one in or above the input folder).")
     _option(parser, "--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+    _option(
+        parser,
+        "--model-type",
+        choices=["llama", "llama2"],
+        default="llama",
+        help="llama (default): a stock transformers Llama checkpoint that every Llama tool reads; llama2: this "
+        "package's own type (auto_map and its source files beside the weights), loaded by AutoModelForCausalLM "
+        "as this package's model, with trust_remote_code=True where the package is not installed.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(hf, "--input-dir", required=True, help="Hugging Face checkpoint folder.")
     _option(hf, "--output-dir", required=True, help="Folder to create.")
     _option(hf, "--num-shards", type=int, required=True, help="Model-parallel shards: 1 for 7B, 2 for 13B, 8 for 70B.")
+    _option(hf, "--tokenizer", help="tokenizer.model to write (default: the one in --input-dir).")
+    _option(hf, "--no-tokenizer", action="store_true", help="Write no tokenizer.model (Meta's code needs one).")
     _option(hf, "--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
 
     llama2c = commands.add_parser(

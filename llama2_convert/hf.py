@@ -65,6 +65,7 @@ def staging_dir(output_dir: Path, *, overwrite: bool) -> Iterator[Path]:
     check_output_dir(output_dir, overwrite=overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output gets a plain `mkdir`'s mode
     try:
         yield staging
     except BaseException:
@@ -75,6 +76,13 @@ def staging_dir(output_dir: Path, *, overwrite: bool) -> Iterator[Path]:
         os.replace(output_dir, old / output_dir.name)
         shutil.rmtree(old)
     os.replace(staging, output_dir)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_safetensors(
@@ -127,12 +135,16 @@ def save_hf_checkpoint(
     max_shard_size: int,
     tokenizer: Path | None,
     chat: bool,
+    model_type: str,
     overwrite: bool,
 ) -> None:
-    """Write weights, `config.json` (with `auto_map` and the remote code), `generation_config.json` and,
-    given a `tokenizer.model`, the tokenizer files, all into `output_dir` at once."""
+    """Write weights, `config.json`, `generation_config.json` and, given a `tokenizer.model`, the tokenizer files,
+    all into `output_dir` at once. `model_type` is `llama` for a stock transformers Llama checkpoint, `llama2` for
+    this package's own (with `auto_map` and the source files)."""
     output_dir = Path(output_dir)
     with staging_dir(output_dir, overwrite=overwrite) as staging:
+        config.checkpoint_format = model_type
+        config.architectures = ["Llama2ForCausalLM"]  # written as `LlamaForCausalLM` in the stock format
         config.dtype = dtype or tensors[0].dtype
         config.save_pretrained(staging)
         # Meta's reference sampling settings (example_chat_completion.py / example_text_completion.py).

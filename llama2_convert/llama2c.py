@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from modeling_llama2 import Llama2Config
+from modeling_llama2.configuration_llama2 import STOCK_MODEL_TYPE
 
 from . import ConversionError
 from .hf import DTYPES, check_output_dir, parse_size, save_hf_checkpoint
@@ -152,6 +153,7 @@ def llama2c_to_hf(
     dtype: str | None = None,
     max_shard_size: str = "5GB",
     tokenizer: str | Path | None = None,
+    model_type: str = STOCK_MODEL_TYPE,
     overwrite: bool = False,
 ) -> None:
     """Convert a llama2.c `ckpt.pt` or `.bin`; the tokenizer defaults to a `tokenizer.model` beside it."""
@@ -169,5 +171,6 @@ def llama2c_to_hf(
         max_shard_size=parse_size(max_shard_size),
         tokenizer=tokenizer,
         chat=False,
+        model_type=model_type,
         overwrite=overwrite,
     )

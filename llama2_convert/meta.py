@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from torch.serialization import set_default_mmap_options, skip_data
 from tqdm import tqdm
-from transformers import AutoConfig
 
-from modeling_llama2 import torch_internals
+from modeling_llama2 import Llama2Config, torch_internals
+from modeling_llama2.configuration_llama2 import STOCK_MODEL_TYPE
 
 from . import ConversionError
 from .hf import DTYPES, SAFETENSORS_DTYPES, check_output_dir, parse_size, save_hf_checkpoint, staging_dir
@@ -83,6 +83,7 @@ def meta_to_hf(
     tokenizer: str | Path | None = None,
     max_position_embeddings: int = LLAMA2_POSITIONS,
     chat: bool | None = None,
+    model_type: str = STOCK_MODEL_TYPE,
     skip_checksum: bool = False,
     overwrite: bool = False,
 ) -> None:
@@ -117,12 +118,22 @@ def meta_to_hf(
         max_shard_size=parse_size(max_shard_size),
         tokenizer=tokenizer,
         chat="chat" in input_dir.resolve().name if chat is None else chat,
+        model_type=model_type,
         overwrite=overwrite,
     )
 
 
-def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int, overwrite: bool = False) -> None:
-    """Split a Hugging Face checkpoint into `num_shards` Meta shards, the exact inverse of `meta_to_hf`.
+def hf_to_meta(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    num_shards: int,
+    tokenizer: str | Path | None = None,
+    no_tokenizer: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Split a Hugging Face checkpoint into `num_shards` Meta shards, the exact inverse of `meta_to_hf`, with the
+    `tokenizer.model` Meta's code needs (the folder's own or `tokenizer`; `no_tokenizer` when none is intended).
 
     Each shard is first saved as a data-less skeleton, then memory-mapped shared and filled tensor by
     tensor, so memory stays near one tensor rather than one shard.
@@ -137,7 +148,19 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int
         raise ConversionError(
             f"{input_dir / 'config.json'} not found; --input-dir must be a Hugging Face checkpoint folder."
         )
-    config = AutoConfig.from_pretrained(input_dir)
+    tokenizer = Path(tokenizer) if tokenizer else input_dir / "tokenizer.model"
+    if no_tokenizer:
+        tokenizer = None
+    elif not tokenizer.is_file():
+        raise ConversionError(
+            f"{tokenizer} not found: Meta's format needs the sentencepiece tokenizer.model, which {input_dir} does "
+            "not carry (a folder with only tokenizer.json cannot give it back). Pass --tokenizer PATH (the original "
+            "model's), or --no-tokenizer to write the weights alone."
+        )
+    try:
+        config = Llama2Config.from_pretrained(input_dir)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     files = _safetensors_files(input_dir)
     specs = weights(config)
     # Where each Meta tensor comes from, checked before anything is written; a tied lm_head is the embedding.
@@ -175,8 +198,7 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, *, num_shards: int
             for shard, piece in zip(shards, pieces, strict=False):
                 shard[w.meta].copy_(piece)
         del shards  # unmapping writes the filled pages back to the files
-        tokenizer = input_dir / "tokenizer.model"
-        if tokenizer.exists():
+        if tokenizer is not None:
             (staging / "tokenizer.model").write_bytes(tokenizer.read_bytes())
         sums = [f"{md5sum(path)}  {path.name}" for path in [*paths, staging / "params.json"]]
         (staging / "checklist.chk").write_text("\n".join(sums) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import modeling_llama2
 from llama2_convert.__main__ import main
@@ -57,10 +57,13 @@ def convert(*args) -> int:
     return main([str(a) for a in args])
 
 
+def to_meta(source: Path, output: Path, num_shards: int, *options) -> int:
+    return convert("hf-to-meta", "--input-dir", source, "--output-dir", output, "--num-shards", num_shards, *options)
+
+
 def load_hf(folder: Path):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    assert isinstance(model, modeling_llama2.Llama2ForCausalLM)
-    return model.eval()
+    """This package's model, which loads both output formats."""
+    return modeling_llama2.Llama2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def assert_matches_meta(folder: Path, state: dict, params: dict) -> None:
@@ -84,17 +87,21 @@ def test_meta_to_hf_matches_meta_forward_and_round_trips_bit_exact(tmp_path, par
     assert config.rms_norm_eps == params["norm_eps"]
     assert config.rope_parameters["rope_theta"] == params.get("rope_theta", 10000.0)
     assert config.max_position_embeddings == 4096
-    assert config.auto_map["AutoModelForCausalLM"] == "modeling_llama2.Llama2ForCausalLM"
+    # By default a stock transformers Llama checkpoint: stock type and class, no custom code, both RoPE spellings.
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["model_type"], written["architectures"]) == ("llama", ["LlamaForCausalLM"])
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == params.get("rope_theta", 10000.0)
+    assert "auto_map" not in written and not list((tmp_path / "hf").glob("*.py"))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(stock) is LlamaForCausalLM
+    tokens = torch.randint(0, params["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(tokens).logits, meta_forward(state, params, tokens), rtol=1e-5, atol=1e-5)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
     assert "max_length" not in generation
 
-    assert (
-        convert(
-            "hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", num_shards
-        )
-        == 0
-    )
+    assert to_meta(tmp_path / "hf", tmp_path / "back", num_shards, "--no-tokenizer") == 0
     for rank, shard in enumerate(shards):
         back = torch.load(tmp_path / "back" / f"consolidated.{rank:02d}.pth", weights_only=True)
         assert back.keys() == shard.keys() - {"rope.freqs"}
@@ -120,13 +127,9 @@ def test_stored_dtype_kept_and_round_trip_bit_exact_across_shard_counts(tmp_path
     source = write_meta_checkpoint(tmp_path / "bf16", GQA, meta_shards(state, 2))
     assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
     assert AutoConfig.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
-    assert (
-        convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "one", "--num-shards", 1) == 0
-    )
+    assert to_meta(tmp_path / "hf", tmp_path / "one", 1, "--no-tokenizer") == 0
     assert convert("meta-to-hf", "--input-dir", tmp_path / "one", "--output-dir", tmp_path / "hf1") == 0
-    assert (
-        convert("hf-to-meta", "--input-dir", tmp_path / "hf1", "--output-dir", tmp_path / "two", "--num-shards", 2) == 0
-    )
+    assert to_meta(tmp_path / "hf1", tmp_path / "two", 2, "--no-tokenizer") == 0
     for rank, shard in enumerate(meta_shards(state, 2)):
         back = torch.load(tmp_path / "two" / f"consolidated.{rank:02d}.pth", weights_only=True)
         assert all(back[name].dtype == torch.bfloat16 and torch.equal(back[name], shard[name]) for name in back)
@@ -286,9 +289,7 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path, capsys):
 def test_hf_to_meta_rejects_indivisible_shard_count(tmp_path, capsys):
     source = write_meta_checkpoint(tmp_path / "m", GQA, meta_shards(random_state(GQA, 96), 1))
     assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
-    assert (
-        convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 3) == 2
-    )
+    assert to_meta(tmp_path / "hf", tmp_path / "back", 3, "--no-tokenizer") == 2
     assert "cannot be split into 3 equal shards" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
 
@@ -373,8 +374,126 @@ def test_hf_to_meta_errors(tmp_path, capsys):
     weight_map = json.loads(index.read_text())
     del weight_map["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     index.write_text(json.dumps(weight_map))
-    assert (
-        convert("hf-to-meta", "--input-dir", tmp_path / "hf", "--output-dir", tmp_path / "back", "--num-shards", 1) == 2
-    )
+    assert to_meta(tmp_path / "hf", tmp_path / "back", 1, "--no-tokenizer") == 2
     assert "has no tensor model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
+
+
+def test_model_type_llama2_writes_this_packages_format(tmp_path):
+    state = random_state(GQA, GQA["vocab_size"])
+    source = write_meta_checkpoint(tmp_path / "m", GQA, meta_shards(state, 1))
+    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf", "--model-type", "llama2") == 0
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["model_type"], written["architectures"]) == ("llama2", ["Llama2ForCausalLM"])
+    assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_llama2.Llama2ForCausalLM"
+    assert {"configuration_llama2.py", "modeling_llama2.py"} <= {p.name for p in (tmp_path / "hf").glob("*.py")}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(model) is modeling_llama2.Llama2ForCausalLM
+    assert_matches_meta(tmp_path / "hf", state, GQA)
+
+
+def test_tokenizer_model_carried_through_hf_to_meta(tmp_path, sp_model, capsys):
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    params = MHA | {"vocab_size": 400}
+    source = write_meta_checkpoint(tmp_path / "m", params, meta_shards(random_state(params, 400), 1))
+    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
+    assert to_meta(tmp_path / "hf", tmp_path / "back", 1) == 0
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    assert convert("meta-to-hf", "--input-dir", tmp_path / "back", "--output-dir", tmp_path / "again") == 0
+    text = "the llama  café 12 345"
+    assert AutoTokenizer.from_pretrained(tmp_path / "again")(text).input_ids == AutoTokenizer.from_pretrained(
+        tmp_path / "hf"
+    )(text).input_ids
+
+    # A trainer's folder as other tools write it: tokenizer.json, no tokenizer.model to give back.
+    (tmp_path / "hf" / "tokenizer.model").unlink()
+    capsys.readouterr()
+    assert to_meta(tmp_path / "hf", tmp_path / "lost", 1) == 2
+    error = capsys.readouterr().err
+    assert "tokenizer.model not found" in error and "--no-tokenizer" in error and not (tmp_path / "lost").exists()
+    assert to_meta(tmp_path / "hf", tmp_path / "lost", 1, "--tokenizer", sp_model) == 0
+    assert (tmp_path / "lost" / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    assert to_meta(tmp_path / "hf", tmp_path / "weights", 1, "--no-tokenizer") == 0
+    assert not (tmp_path / "weights" / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_get_the_users_umask(tmp_path, sp_model, umask):
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    params = MHA | {"vocab_size": 400}
+    source = write_meta_checkpoint(tmp_path / "m", params, meta_shards(random_state(params, 400), 1))
+    old = os.umask(umask)
+    try:
+        assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "hf") == 0
+        assert to_meta(tmp_path / "hf", tmp_path / "back", 1) == 0
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "hf", tmp_path / "back"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+        for file in folder.iterdir():
+            assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
+
+
+STOCK_SCRIPT = """
+import importlib.abc, logging as logging_std, sys, warnings
+
+class NoLocalPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_llama2", "llama2_convert"):
+            raise ImportError(f"{name} is hidden from this process")
+
+sys.meta_path.insert(0, NoLocalPackage())
+warnings.simplefilter("error")  # any warning fails the run
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+
+class Collect(logging_std.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+
+messages = []
+logging.set_verbosity_warning()
+logging.get_logger("transformers").addHandler(Collect())
+stock, ours, tokens, out = sys.argv[1:]
+assert type(AutoConfig.from_pretrained(stock)).__name__ == "LlamaConfig"
+model = AutoModelForCausalLM.from_pretrained(stock, dtype=torch.float32)
+assert type(model).__name__ == "LlamaForCausalLM", type(model)
+tokenizer = AutoTokenizer.from_pretrained(stock)
+remote = AutoModelForCausalLM.from_pretrained(ours, trust_remote_code=True, dtype=torch.float32)
+assert type(remote).__name__ == "Llama2ForCausalLM", type(remote)
+remote.save_pretrained(ours + "-again")
+again = AutoModelForCausalLM.from_pretrained(ours + "-again", trust_remote_code=True, dtype=torch.float32)
+with torch.no_grad():
+    ids = torch.load(tokens)
+    torch.save({"stock": model(ids).logits, "remote": again(ids).logits, "text": tokenizer("the llama").input_ids,
+                "messages": messages}, out)
+"""
+
+
+def test_outputs_load_where_the_package_is_not_installed(tmp_path, sp_model):
+    """Stock transformers reads the default output with no warning; the llama2 output loads as remote code, saves
+    and loads again."""
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    params = GQA | {"vocab_size": 400}
+    state = random_state(params, 400)
+    source = write_meta_checkpoint(tmp_path / "m", params, meta_shards(state, 1))
+    assert convert("meta-to-hf", "--input-dir", source, "--output-dir", tmp_path / "stock", "--dtype", "float32") == 0
+    ours = ("--output-dir", tmp_path / "ours", "--model-type", "llama2", "--dtype", "float32")
+    assert convert("meta-to-hf", "--input-dir", source, *ours) == 0
+    tokens = torch.randint(0, 400, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    (tmp_path / "stock.py").write_text(STOCK_SCRIPT)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "stock.py"), *(str(tmp_path / name) for name in ("stock", "ours")),
+         str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert not [m for m in out["messages"] if "model of type" in m or "custom code" in m], out["messages"]
+    reference = meta_forward(state, params, tokens)
+    torch.testing.assert_close(out["stock"], reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["remote"], reference, rtol=1e-5, atol=1e-5)
+    assert out["text"] == AutoTokenizer.from_pretrained(tmp_path / "stock")("the llama").input_ids
