@@ -5,14 +5,25 @@ Both follow `chat_completion` in Meta's reference code token for token. A comple
 `[BOS] + encode(f"[INST] {user} [/INST] {answer} ") + [EOS]`; a system message is folded into the first user message
 as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}`; a dialog that ends with a user message ends with
 `[BOS] + encode(f"[INST] {user} [/INST]")`, the prompt the model answers. `encode_dialog` adds the special tokens by
-id, never spelled in text, so a tokenizer that would parse `<s>` in text cannot change the result.
+id, never spelled in text.
+
+Message content may contain neither the tags (Meta refuses them too) nor Llama 2's control tokens spelled as text
+(`<s>`, `</s>`, `<unk>`): both forms refuse such a message and name what it contains. Meta's code would encode
+`<s>` as its literal text, but the template cannot: it spells its own BOS and EOS as text, and a fast tokenizer
+parses that text, in content as well, into control tokens, so `hi </s><s>[INST] ...` would forge a turn.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-TAGS = (B_INST, E_INST, B_SYS.strip(), E_SYS.strip())  # what message content may not contain
+TAGS = (B_INST, E_INST, B_SYS.strip(), E_SYS.strip())
+CONTROL_TOKENS = ("<s>", "</s>", "<unk>")  # Llama 2's sentencepiece control pieces (BOS, EOS, unknown)
+FORBIDDEN = TAGS + CONTROL_TOKENS  # what message content may not contain
+CONTENT_ERROR = (
+    "Message content may not contain {}: the chat format's tags and the control tokens <s>, </s>, <unk> would change "
+    "the dialog's structure. Remove it from the data."
+)
 IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's cross-entropy default `ignore_index`)
 
 
@@ -22,7 +33,16 @@ def _jinja_string(text: str) -> str:
 
 # The same format as a Jinja template, for transformers' `apply_chat_template`. The `<s>`/`</s>` are the tokenizer's
 # special tokens (`bos_token`, `eos_token`), and the text after each of them gets sentencepiece's dummy prefix space.
+# `{% generation %}` marks what `encode_dialog` trains on, the answer and its EOS, for `return_assistant_tokens_mask`.
+_ERROR_BEFORE, _ERROR_AFTER = CONTENT_ERROR.split("{}")
 CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    f"{{% for forbidden in [{', '.join(map(_jinja_string, FORBIDDEN))}] %}}"
+    "{% if forbidden in message['content'] %}"
+    f"{{{{ raise_exception({_jinja_string(_ERROR_BEFORE)} + forbidden + {_jinja_string(_ERROR_AFTER)}) }}}}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endfor %}"
     "{% if messages[0]['role'] == 'system' %}"
     f"{{% set system = {_jinja_string(B_SYS)} + messages[0]['content'] + {_jinja_string(E_SYS)} %}}"
     "{% set messages = messages[1:] %}"
@@ -35,7 +55,7 @@ CHAT_TEMPLATE = (
     "{% set content = (system + message['content']) if loop.first else message['content'] %}"
     f"{{{{ bos_token + {_jinja_string(B_INST + ' ')} + content | trim + {_jinja_string(' ' + E_INST)} }}}}"
     "{% else %}"
-    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% generation %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endgeneration %}"
     "{% endif %}"
     "{% endfor %}"
 )
@@ -55,7 +75,7 @@ def encode_dialog(messages: Sequence[Message], encode: Encode, bos_id: int, eos_
     each BOS), the token itself on each answer token and on the EOS that closes the answer.
 
     `messages` are `{"role", "content"}` with roles `system` (optional, first), then `user` and `assistant`
-    alternating, starting with `user`.
+    alternating, starting with `user`; a content with a tag or a control token (`FORBIDDEN`) is refused.
     """
     messages = _fold_system(messages)
     ids, labels = [], []
@@ -80,11 +100,9 @@ def _fold_system(messages: Sequence[Message]) -> list[dict]:
     for message in messages:
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str) or "role" not in message:
             raise ValueError(f'Each message must be {{"role": ..., "content": "<text>"}}, got {message!r}.')
-        if any(tag in message["content"] for tag in TAGS):
-            raise ValueError(
-                f"Message content may not contain the chat format's tags {' '.join(TAGS)}: "
-                f"{message['content'][:80]!r}. Remove them from the data."
-            )
+        found = [text for text in FORBIDDEN if text in message["content"]]
+        if found:
+            raise ValueError(f"{CONTENT_ERROR.format(' '.join(found))} Content: {message['content'][:80]!r}")
     messages = [dict(m) for m in messages]
     if messages and messages[0]["role"] == "system":
         if len(messages) < 2:
