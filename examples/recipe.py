@@ -5,9 +5,11 @@
 1. trains a sentencepiece tokenizer and pretrains a tiny Llama 2 (grouped-query attention) on raw text
    (`51706749=01456779`), briefly, so that it sorts well but not perfectly and the later stages have room to improve;
 2. saves it in Meta's raw format (`consolidated.00.pth`, `params.json`, `tokenizer.model`) with the converter's
-   `hf_to_meta` (what `llama2-convert hf-to-meta` runs), and converts that back with `meta_to_hf(chat=True)`;
-3. loads the result with `AutoModelForCausalLM` and fine-tunes it on chat-formatted instructions, loss on answers
-   only (`run_sft`);
+   `hf_to_meta` (what `llama2-convert hf-to-meta` runs), and converts that back with `meta_to_hf(chat=True)` into a
+   stock transformers Llama folder (`AutoModelForCausalLM` gives `LlamaForCausalLM` there, and this package's
+   `Llama2ForCausalLM` on the pretrained folder, which is in the package's own format); every later stage trains this
+   package's model and saves stock Llama folders;
+3. fine-tunes it on chat-formatted instructions, loss on answers only (`run_sft`);
 4. trains a helpfulness reward model on preference pairs, right answer over one of the SFT model's own wrong
    samples, whose rating margin grows with how wrong it is (`run_reward_model`);
 5. samples N = 1..16 answers per new prompt, keeps the reward model's favourite (of 16, or of the first
@@ -35,7 +37,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     TrainingArguments,
     pipeline,
     set_seed,
@@ -54,7 +55,7 @@ from arithmetic_task import (
 from llama2_convert.layout import ffn_dim
 from llama2_convert.meta import hf_to_meta, meta_to_hf
 from llama2_convert.tokenizer import save_tokenizer
-from modeling_llama2 import Llama2Config, Llama2ForCausalLM
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM, Llama2ForSequenceClassification
 from modeling_llama2.alignment.rejection_sampling import (
     SamplingArguments,
     load_prompts,
@@ -198,10 +199,16 @@ def train_tokenizer(data_dir: Path, path: Path) -> None:
 
 def convert(out: Path) -> dict:
     """Hugging Face -> Meta's raw format -> Hugging Face with the Llama 2 chat template, as `llama2-convert`
-    `hf-to-meta` and `meta-to-hf --chat` do."""
+    `hf-to-meta` and `meta-to-hf --chat` do. The pretrained folder is this package's own format (saved by its
+    model); the converted one is a stock transformers Llama, which every later stage keeps."""
     hf_to_meta(out / "pretrained", out / "meta", num_shards=1, overwrite=True)
     meta_to_hf(out / "meta", out / "base", chat=True, max_position_embeddings=CONTEXT, overwrite=True)
-    return {"meta_files": sorted(p.name for p in (out / "meta").iterdir())}
+    return {
+        "meta_files": sorted(p.name for p in (out / "meta").iterdir()),
+        "auto_model_for_causal_lm": {
+            name: type(AutoModelForCausalLM.from_pretrained(out / name)).__name__ for name in ("pretrained", "base")
+        },
+    }
 
 
 def sft(base_dir: Path, data: Path, output_dir: Path, *, epochs: float, lr: float, seed: int) -> dict:
@@ -245,7 +252,7 @@ def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: rando
     write_jsonl(str(path), pairs)
 
 
-def best_of_n(out: Path, problems: list[Problem], reward: AutoModelForSequenceClassification) -> list[dict]:
+def best_of_n(out: Path, problems: list[Problem], reward: Llama2ForSequenceClassification) -> list[dict]:
     """Sample 16 answers per rejection-sampling prompt from the SFT model, score them with the reward model, keep
     them all (`rejection_sampling_data.jsonl`), plot the max-vs-median reward curve and return it per N."""
     sampling = SamplingArguments(
@@ -335,12 +342,12 @@ def trainer_args(output_dir: Path, epochs: float, lr: float, batch: int, seed: i
 
 
 def load_policy(model_dir: Path):
-    """The causal LM of a stage, ready to generate.
+    """The causal LM of a stage as this package's model (whichever format the folder has), ready to generate.
 
     `meta-to-hf` writes `max_length` (the context) into `generation_config.json`, which makes every
     `generate(max_new_tokens=...)` warn that both are set; the length here is always `max_new_tokens`.
     """
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = Llama2ForCausalLM.from_pretrained(model_dir).eval()
     model.generation_config.max_length = None
     return model
 
@@ -377,8 +384,8 @@ def main() -> None:
     report_model(model)
 
     heading("2. Meta's format and back")
-    timed(seconds, "convert", convert, out)
-    report_conversion(out)
+    conversion = timed(seconds, "convert", convert, out)
+    report_conversion(out, conversion)
     stages["pretrained"] = report_stage("pretrained", evaluate(out / "base", held_out))
 
     heading("3. supervised fine-tuning (chat format, loss on answers only)")
@@ -391,7 +398,7 @@ def main() -> None:
     report_reward_model(reward_metrics)
 
     heading(f"5. rejection sampling: {max(NS)} samples per prompt, fine-tuning on the best of {args.finetune_best_of}")
-    reward = AutoModelForSequenceClassification.from_pretrained(out / "reward_model").eval()
+    reward = Llama2ForSequenceClassification.from_pretrained(out / "reward_model").eval()
     curve = timed(seconds, "rejection_sampling", best_of_n, out, problems["rejection_sampling"], reward)
     report_curve(curve)
     for name, k, model_dir in [
@@ -414,6 +421,7 @@ def main() -> None:
         "reward_model": reward_metrics,
         "best_of_n": curve,
         "model": model,
+        "conversion": conversion,
         "sizes": asdict(sizes),
         "seconds": seconds,
     }
@@ -454,10 +462,12 @@ def report_model(model: dict) -> None:
           f"final pretraining loss {model['final_loss']:.3f}")  # fmt: skip
 
 
-def report_conversion(out: Path) -> None:
+def report_conversion(out: Path, conversion: dict) -> None:
     print(f"llama2-convert hf-to-meta --input-dir {out / 'pretrained'} --output-dir {out / 'meta'} --num-shards 1")
     print(f"llama2-convert meta-to-hf --input-dir {out / 'meta'} --output-dir {out / 'base'} --chat "
           f"--max-position-embeddings {CONTEXT}")  # fmt: skip
+    for name, cls in conversion["auto_model_for_causal_lm"].items():
+        print(f"AutoModelForCausalLM.from_pretrained({str(out / name)!r}) -> {cls}")
 
 
 def report_stage(stage: str, result: dict) -> dict:

@@ -13,8 +13,9 @@ import json
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+from transformers import set_seed
 
+from modeling_llama2 import Llama2ForCausalLM, Llama2ForSequenceClassification
 from modeling_llama2.alignment.rejection_sampling import (
     SamplingArguments,
     check_sampling_args,
@@ -48,12 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(training_args.seed)
     device = training_args.device
     tokenizer = load_tokenizer(model_args.model)
-    policy = AutoModelForCausalLM.from_pretrained(
+    policy = Llama2ForCausalLM.from_pretrained(
         model_args.model, dtype="auto", attn_implementation=model_args.attn_implementation
     )
     policy = policy.to(device).eval()
     reward_models = {
-        name: AutoModelForSequenceClassification.from_pretrained(path, dtype="auto").to(device).eval()
+        name: Llama2ForSequenceClassification.from_pretrained(path, dtype="auto").to(device).eval()
         for name, path in paths.items()
     }
     records = rejection_sample(policy, tokenizer, reward_models, prompts, args)

@@ -45,6 +45,9 @@ def test_metrics_cover_every_stage_with_finite_numbers(run):
         assert all(math.isfinite(point[key]) for key in ("max", "median", "accuracy_of_best", "any_right"))
         assert point["max"] >= point["median"]
     assert math.isfinite(metrics["reward_model"]["eval_accuracy"])
+    # The pretrained folder is this package's format, the converted one a stock Llama.
+    auto_classes = metrics["conversion"]["auto_model_for_causal_lm"]
+    assert auto_classes == {"pretrained": "Llama2ForCausalLM", "base": "LlamaForCausalLM"}
     seconds = metrics["seconds"]
     assert seconds["total"] >= sum(value for name, value in seconds.items() if name != "total") > 0
 
@@ -58,6 +61,9 @@ def test_meta_format_files_exist(run):
 @pytest.mark.parametrize("stage", ["pretrained", "base", "sft", "rejection_sampling", "random_sample_control"])
 def test_models_load_with_auto_classes(run, stage):
     model = AutoModelForCausalLM.from_pretrained(run / stage)
+    # Only the pretrained folder is this package's own format; from the conversion on, stock Llama folders.
+    assert type(model).__name__ == ("Llama2ForCausalLM" if stage == "pretrained" else "LlamaForCausalLM")
+    assert (run / stage / "tokenizer.model").read_bytes() == (run / "tokenizer.model").read_bytes()
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     assert AutoTokenizer.from_pretrained(run / stage).bos_token == "<s>"
 

@@ -7,13 +7,13 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from transformers import (
-    AutoModelForSequenceClassification,
     EvalPrediction,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
 )
 
+from ..modeling_llama2 import Llama2ForSequenceClassification
 from .scoring import encode_response, pad_right, prompt_messages
 from .training import (
     InputError,
@@ -155,7 +155,7 @@ def run_reward_model(
     context = model_context(model_args.model)
 
     def load_base():
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = Llama2ForSequenceClassification.from_pretrained(  # a stock Llama folder too, saved back as one
             model_args.model,
             num_labels=1,
             id2label={0: reward_args.objective},

@@ -5,7 +5,6 @@ import bisect
 from dataclasses import dataclass, field
 
 from transformers import (
-    AutoModelForCausalLM,
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
     PreTrainedTokenizerBase,
@@ -14,6 +13,7 @@ from transformers import (
 )
 
 from ..chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
+from ..modeling_llama2 import Llama2ForCausalLM
 from .training import (
     InputError,
     ModelArguments,
@@ -116,7 +116,7 @@ def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: T
     context = model_context(model_args.model)
 
     def load_base():
-        return AutoModelForCausalLM.from_pretrained(
+        return Llama2ForCausalLM.from_pretrained(  # a stock Llama folder too, saved back as one
             model_args.model, attn_implementation=model_args.attn_implementation
         )
 

@@ -8,6 +8,7 @@ holds the plumbing they would otherwise each repeat.
 import functools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -181,8 +182,8 @@ def add_lora(model: PreTrainedModel, args: ModelArguments, task_type: str) -> Pr
 def save_final(
     trainer: Trainer, model_args: ModelArguments, load_base: Callable[[], PreTrainedModel], metrics: dict
 ) -> None:
-    """Save a model that `from_pretrained` loads as is, plus `metrics.json` and `trainer_state.json`, in the output
-    directory.
+    """Save a model that `from_pretrained` loads as is (in the input's format: a stock Llama stays one), its tokenizer
+    with the input's `tokenizer.model`, `metrics.json` and `trainer_state.json`, in the output directory.
 
     With LoRA the adapters go to `adapter/` and rank 0 merges them into a fresh copy of the base model: going through
     the saved adapter works whatever sharding (FSDP, DeepSpeed) the training used.
@@ -202,6 +203,10 @@ def save_final(
         trainer.save_model(output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
+        # The sentencepiece model is no part of a transformers tokenizer's save; Meta's code (and `hf-to-meta`) need it.
+        tokenizer_model = os.path.join(model_args.model, "tokenizer.model")
+        if os.path.isfile(tokenizer_model):
+            shutil.copyfile(tokenizer_model, os.path.join(output_dir, "tokenizer.model"))
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:
             json.dump({**metrics, "world_size": trainer.args.world_size}, f, indent=2)
 
