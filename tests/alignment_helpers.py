@@ -1,5 +1,6 @@
 """Tiny tokenizer, models and data for the alignment trainer tests (no downloads)."""
 
+import importlib.util
 import json
 import os
 import random
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -87,3 +89,23 @@ def run_script(name: str, *args, launcher: tuple[str, ...] = (), timeout: int = 
 def logged_losses(output_dir: Path, key: str = "loss") -> list[float]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return [entry[key] for entry in state["log_history"] if key in entry]
+
+
+def load_script(name: str):
+    """`examples/<name>` as a module, so a test can call its `main(argv)` in this process."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name.removesuffix('.py')}", REPO / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_error(name: str, *args, capsys) -> str:
+    """Run `examples/<name>`'s `main` in-process on arguments that must be refused: it exits with code 2 after one
+    `error: ...` line and no traceback. Returns that line."""
+    capsys.readouterr()  # what the test printed before
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name).main([str(arg) for arg in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]

@@ -1,4 +1,6 @@
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -16,10 +18,12 @@ from modeling_llama2.alignment.scoring import encode_response, score
 from modeling_llama2.alignment.sft import load_sft_samples
 from tests.alignment_helpers import (
     alignment_config,
+    load_script,
     logged_losses,
     qa_pairs,
     run_script,
     save_causal_lm,
+    script_error,
     write_jsonl,
 )
 
@@ -150,3 +154,61 @@ def test_rejection_sampling_script_writes_data_report_and_finetunes(tmp_path, to
     losses = logged_losses(out)
     assert losses[-1] < losses[0]
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), Llama2ForCausalLM)
+
+
+@pytest.fixture
+def reward_dirs(tmp_path, tokenizer):
+    """A saved helpfulness reward model and a saved causal LM (no reward head), with their tokenizer."""
+    reward_model(tokenizer, 1, "helpfulness").save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    return tmp_path / "rm", save_causal_lm(tmp_path / "lm")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("--num-samples 0", re.escape("error: --num-samples must be at least 1 (N responses per prompt), got 0.")),
+        ("--temperature -1", re.escape("error: --temperature must be >= 0 (0: greedy), got -1.0.")),
+        ("empty prompts", "error: .*empty.jsonl holds no prompts."),
+        ("missing rm", "error: --helpfulness-rm .*/no_such_rm: no such folder."),
+        (
+            "causal LM as rm",
+            r"error: --helpfulness-rm .*/lm is not a reward model \(architectures \['Llama2ForCausalLM'\]",
+        ),
+        ("no rm", "error: give --helpfulness-rm, --safety-rm or both."),
+    ],
+)
+def test_rejection_sampling_script_refuses_up_front(tmp_path, capsys, reward_dirs, case, message):
+    rm, lm = reward_dirs
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat?"}])
+    # The policy path does not exist: each case must be refused before the policy is loaded.
+    args = {"--model": tmp_path / "no_such_policy", "--prompts": prompts, "--helpfulness-rm": rm}
+    if case.startswith("--"):
+        flag, value = case.split()
+        args[flag] = value
+    elif case == "empty prompts":
+        args["--prompts"] = write_jsonl(tmp_path / "empty.jsonl", [])
+    elif case == "missing rm":
+        args["--helpfulness-rm"] = tmp_path / "no_such_rm"
+    elif case == "causal LM as rm":
+        args["--helpfulness-rm"] = lm
+    else:
+        del args["--helpfulness-rm"]
+    argv = [str(x) for pair in args.items() for x in pair]
+    line = script_error("rejection_sampling.py", *argv, "--output-dir", tmp_path / "out", "--use-cpu", capsys=capsys)
+    assert re.fullmatch(message + ".*", line), line
+
+
+def test_rejection_sampling_script_without_matplotlib_skips_the_plot(tmp_path, capsys, monkeypatch, reward_dirs):
+    rm, _ = reward_dirs
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "out"
+    load_script("rejection_sampling.py").main(
+        [
+            "--model", str(save_causal_lm(tmp_path / "policy")), "--helpfulness-rm", str(rm), "--prompts",
+            str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat?"}])), "--num-samples", "2",
+            "--max-new-tokens", "4", "--compile", "False", "--output-dir", str(out), "--use-cpu",
+        ]
+    )  # fmt: skip
+    assert "reward_vs_n.png skipped: matplotlib is not installed" in capsys.readouterr().out
+    assert (out / "reward_vs_n.json").exists() and not (out / "reward_vs_n.png").exists()

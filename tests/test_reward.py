@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import random
 
@@ -17,6 +18,7 @@ from modeling_llama2.alignment.reward import (
     ranking_metrics,
 )
 from modeling_llama2.alignment.scoring import combined_reward, score
+from modeling_llama2.alignment.training import InputError
 from tests.alignment_helpers import (
     WORDS,
     alignment_config,
@@ -25,6 +27,7 @@ from tests.alignment_helpers import (
     qa_pairs,
     run_script,
     save_causal_lm,
+    script_error,
     write_jsonl,
 )
 
@@ -145,3 +148,36 @@ def test_reward_script_trains_and_saves_a_loadable_model(tmp_path, tokenizer, lo
     chosen = score(model.eval(), [p["chosen"] for p in pairs], pad_id=tokenizer.unk_token_id)
     rejected = score(model, [p["rejected"] for p in pairs], pad_id=tokenizer.unk_token_id)
     assert (chosen > rejected).float().mean().item() == pytest.approx(metrics["eval_accuracy"])
+
+
+def test_an_unknown_objective_tag_is_refused_with_its_line(tmp_path, tokenizer):
+    records = preference_records(2)
+    records[1]["objective"] = "helpful"
+    path = str(write_jsonl(tmp_path / "pairs.jsonl", records))
+    with pytest.raises(
+        InputError, match=r"pairs.jsonl:2: unknown objective 'helpful'; use one of \['helpfulness', 'safety'\]"
+    ):
+        load_pairs(path, tokenizer, RewardArguments(train_file=path, max_length=128))
+
+
+def test_identical_chosen_and_rejected_are_skipped_with_a_warning_and_their_count(tmp_path, tokenizer, caplog):
+    records = preference_records(4)
+    for record in records[1:3]:
+        record["rejected"] = record["chosen"]
+    path = str(write_jsonl(tmp_path / "pairs.jsonl", records))
+    with caplog.at_level(logging.WARNING, logger="modeling_llama2.alignment.reward"):
+        pairs = load_pairs(path, tokenizer, RewardArguments(train_file=path, max_length=128))
+    assert [p["rating"] for p in pairs] == [0, 3]
+    assert "skipped 2 helpfulness comparison(s) whose chosen and rejected responses are the same text" in caplog.text
+
+
+def test_reward_script_reports_a_data_error_in_one_line(tmp_path, capsys):
+    records = preference_records(2)
+    records[1]["chosen"] = "the cat " * 200
+    line = script_error(
+        "reward_model.py", "--model", save_causal_lm(tmp_path / "sft"), "--train-file",
+        write_jsonl(tmp_path / "pairs.jsonl", records), "--output-dir", tmp_path / "out", "--max-length", 1024,
+        "--use-cpu", capsys=capsys,
+    )  # fmt: skip
+    assert "pairs.jsonl: 1 of 4 samples are longer than the model's context of 256 tokens" in line
+    assert "pass --max-length 256" in line

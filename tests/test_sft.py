@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from tests.alignment_helpers import (
     qa_pairs,
     run_script,
     save_causal_lm,
+    script_error,
     write_jsonl,
 )
 
@@ -151,6 +153,11 @@ def test_sft_script_lora_checkpoint_resume(tmp_path):
     run_script("sft.py", *common, "--max-steps", 6, "--resume-from-checkpoint", out / "checkpoint-3")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    # train_loss averages all six steps, not only the three of the resumed session.
+    losses = logged_losses(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / 6, rel=1e-6)
+    assert metrics["train_loss"] != pytest.approx(sum(losses[3:]) / 3, rel=1e-3)
     # Steps 1-3 come from the checkpoint: a fresh 6-step run would have logged a slower-decaying learning rate.
     assert state["log_history"][:3] == first_run[:3]
     base, tuned = Llama2ForCausalLM.from_pretrained(model_dir), Llama2ForCausalLM.from_pretrained(out)
@@ -170,3 +177,23 @@ def test_sft_script_runs_distributed_on_two_cpu_processes(tmp_path):
     assert state["global_step"] == 4
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), Llama2ForCausalLM)
+
+
+@pytest.mark.parametrize(
+    "records, extra, message",
+    [
+        ([{"prompt": "the cat", "response": "red"}, {"prompt": "the dog"}], (), "sft.jsonl:2: need .messages. or both"),
+        (
+            [{"prompt": "the cat", "response": "red"}, {"prompt": "the cat", "response": "red " * 300}],
+            ("--max-length", 512),
+            "1 of 2 samples are longer than the model's context of 256 tokens .*pass --max-length 256",
+        ),
+    ],
+)
+def test_sft_script_reports_a_data_error_in_one_line(tmp_path, capsys, records, extra, message):
+    data = write_jsonl(tmp_path / "sft.jsonl", records)
+    line = script_error(
+        "sft.py", "--model", save_causal_lm(tmp_path / "model"), "--train-file", data, "--output-dir", tmp_path / "out",
+        "--use-cpu", *extra, capsys=capsys,
+    )  # fmt: skip
+    assert re.search(message, line), line

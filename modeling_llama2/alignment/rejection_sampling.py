@@ -1,6 +1,7 @@
 """Rejection sampling as in Llama 2-Chat's RLHF V1-V4: N responses per prompt from the policy, scored by the reward
 model(s), the best kept as new SFT data."""
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +56,9 @@ def reward_model_config(path: str, objective: str) -> PreTrainedConfig:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise InputError(f"{flag} {path}: no model there ({str(e).splitlines()[0]})") from e
+        local = os.path.isabs(os.path.expanduser(path)) or path.startswith(".")  # else maybe a Hub id
+        reason = "no such folder" if local and not os.path.isdir(path) else f"no model there ({str(e).splitlines()[0]})"
+        raise InputError(f"{flag} {path}: {reason}.") from e
     architectures = config.architectures or []
     if config.num_labels != 1 or not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise InputError(
@@ -135,8 +138,13 @@ def rejection_sample(
     encode = tokenizer_encoder(tokenizer)
     records = []
     context = context_length(policy.config)
-    all_ids = [encode_dialog(p["messages"], encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0] for p in prompts]
-    for i, prompt_ids in enumerate(all_ids, 1):  # all checked before the first is sampled
+    all_ids = []
+    for i, prompt in enumerate(prompts, 1):  # all checked before the first is sampled
+        try:
+            prompt_ids = encode_dialog(prompt["messages"], encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
+        except ValueError as e:
+            raise InputError(f"Prompt {i}: {e}") from e
+        all_ids.append(prompt_ids)
         if context is not None and len(prompt_ids) + args.max_new_tokens > context:
             raise InputError(
                 f"Prompt {i} has {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
