@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.alignment.sft import SFTArguments, load_sft_samples, pack, sft_collator
-from modeling_llama2.alignment.training import ModelArguments, parse_args
+from modeling_llama2.alignment.training import ModelArguments, parse_args, whole_run_loss
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from tests.alignment_helpers import (
     alignment_config,
@@ -197,3 +197,17 @@ def test_sft_script_reports_a_data_error_in_one_line(tmp_path, capsys, records, 
         "--use-cpu", *extra, capsys=capsys,
     )  # fmt: skip
     assert re.search(message, line), line
+
+
+def test_whole_run_loss_weighs_each_logged_loss_by_its_steps():
+    # Logged every 2 steps, checkpoint at step 5 (step 5 never logged), resumed for 3 steps averaging 0.5.
+    history = [
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "eval_loss": 9.0},
+        {"step": 4, "loss": 1.0},
+        {"step": 7, "loss": 0.1},
+    ]
+    assert whole_run_loss(history, resumed_at=5, session_loss=0.5, session_steps=3) == pytest.approx(
+        (2.0 * 2 + 1.0 * 2 + 0.5 * 3) / 7
+    )
+    assert whole_run_loss(history[:1], resumed_at=0, session_loss=0.5, session_steps=3) == 0.5  # not resumed
