@@ -273,6 +273,9 @@ FRESH_PROCESS = textwrap.dedent(
     from transformers import AutoTokenizer, pipeline
 
     tokenizer_dir, model_dir, texts, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)  # the documented way not to be asked
+    print()  # ends the line of a prompt, if any
+    print("answered without a prompt", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     generate = pipeline("text-generation", model=model_dir, tokenizer=tokenizer)
     kwargs = dict(max_new_tokens=4, do_sample=False, return_full_text=False)
@@ -309,8 +312,10 @@ def test_auto_tokenizer_and_batched_pipeline_without_the_package(tmp_path, train
         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    quiet, default = run.stdout.split("answered without a prompt")
+    assert "Do you wish to run the custom code" not in quiet
     if config == "stock-llama":
-        assert "Do you wish to run the custom code" not in run.stdout
+        assert "Do you wish to run the custom code" not in default
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["class"] == "TokenizersBackend" and result["pad"] == sp.unk_id()
     assert result["ids"] == [[sp.bos_id()] + sp.encode(text) for text in CORPUS]
