@@ -68,7 +68,7 @@ from modeling_llama2.alignment.reward import RewardArguments, run_reward_model
 from modeling_llama2.alignment.scoring import encode_response, score
 from modeling_llama2.alignment.sft import SFTArguments, run_sft
 from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, read_jsonl, write_jsonl
-from modeling_llama2.chat_format import B_INST, E_INST, encode_dialog, tokenizer_encoder
+from modeling_llama2.chat_format import B_INST, E_INST, FORBIDDEN, encode_dialog, tokenizer_encoder
 
 CONTEXT = 128  # tokens: a chat-formatted question and its answer take about 30
 PRETRAIN_ROW = 64
@@ -247,14 +247,18 @@ def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: rando
             policy, prompt, n, 16, TEMPERATURE, pad_token_id=tokenizer.pad_token_id, compile=COMPILE
         )
         samples = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-        wrong = [s for s in samples if not is_correct(problem, s)]
+        # (a sample that spells a control token in text is no answer the chat format, hence the reward model, takes)
+        wrong = [s for s in samples if not is_correct(problem, s) and not any(tag in s for tag in FORBIDDEN)]
         pairs.append(preference_pair(problem, rng, rng.choice(wrong) if wrong else None))
     write_jsonl(str(path), pairs)
 
 
-def best_of_n(out: Path, problems: list[Problem], reward: Llama2ForSequenceClassification) -> list[dict]:
+def best_of_n(
+    out: Path, problems: list[Problem], reward: Llama2ForSequenceClassification
+) -> tuple[list[dict], bool]:
     """Sample 16 answers per rejection-sampling prompt from the SFT model, score them with the reward model, keep
-    them all (`rejection_sampling_data.jsonl`), plot the max-vs-median reward curve and return it per N."""
+    them all (`rejection_sampling_data.jsonl`), and return the max-vs-median reward curve per N and whether it was
+    plotted (matplotlib is optional)."""
     sampling = SamplingArguments(
         prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=TEMPERATURE,
         top_p=1.0, max_new_tokens=16, compile=COMPILE,
@@ -263,15 +267,15 @@ def best_of_n(out: Path, problems: list[Problem], reward: Llama2ForSequenceClass
     records = rejection_sample(policy, tokenizer, {"helpfulness": reward}, load_prompts(sampling.prompts), sampling)
     write_jsonl(str(out / "rejection_sampling_data.jsonl"), records)
     curve = best_of_n_table(records, problems)
-    plot_reward_curve(curve, str(out / "max_vs_median_reward.png"))
-    return curve
+    return curve, plot_reward_curve(curve, str(out / "max_vs_median_reward.png"))
 
 
 def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
     """Per N: mean max and median reward over prompts (paper's Figure 7), and how often the reward model's favourite
     of the first N samples, and any of them, is right (checked against the right answers, for the report only)."""
     rewards = torch.tensor([[sample["reward"] for sample in record["samples"]] for record in records])
-    pairs = zip(records, problems, strict=True)
+    problem_of = {question(problem): problem for problem in problems}  # a prompt with no usable sample has no record
+    pairs = [(record, problem_of[record["messages"][-2]["content"]]) for record in records]
     right = torch.tensor([[is_correct(p, s["response"]) for s in r["samples"]] for r, p in pairs])
     curve = reward_curve(rewards)
     for point in curve:
@@ -290,9 +294,11 @@ def finetune_on_favourites(out: Path, k: int, model_dir: Path, sizes: Sizes, see
 
 
 def favourite_of_first(record: dict, k: int) -> dict:
-    """An SFT record: the prompt with the reward model's favourite among its first `k` samples. Samples are i.i.d.,
-    so these stand for best-of-k sampling, and k = 1 is a random sample (the control)."""
-    best = max(record["samples"][:k], key=lambda sample: sample["reward"])
+    """An SFT record: the prompt with the reward model's favourite among its first `k` usable samples (those the chat
+    format accepts). Samples are i.i.d., so these stand for best-of-k sampling, and k = 1 is a random sample (the
+    control)."""
+    usable = [sample for sample in record["samples"] if not sample.get("refused")]
+    best = max(usable[:k], key=lambda sample: sample["reward"])
     return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": best["response"]}],
             "reward": best["reward"]}  # fmt: skip
 
@@ -399,8 +405,8 @@ def main() -> None:
 
     heading(f"5. rejection sampling: {max(NS)} samples per prompt, fine-tuning on the best of {args.finetune_best_of}")
     reward = Llama2ForSequenceClassification.from_pretrained(out / "reward_model").eval()
-    curve = timed(seconds, "rejection_sampling", best_of_n, out, problems["rejection_sampling"], reward)
-    report_curve(curve)
+    curve, plotted = timed(seconds, "rejection_sampling", best_of_n, out, problems["rejection_sampling"], reward)
+    report_curve(curve, plotted)
     for name, k, model_dir in [
         ("rejection sampling", args.finetune_best_of, out / "rejection_sampling"),
         ("control: random", 1, out / "random_sample_control"),
@@ -480,7 +486,9 @@ def report_reward_model(metrics: dict) -> None:
     print(f"reward model ranks held-out pairs right: {metrics['eval_accuracy']:.1%}")
 
 
-def report_curve(curve: list[dict]) -> None:
+def report_curve(curve: list[dict], plotted: bool) -> None:
+    if not plotted:
+        print("matplotlib is not installed: the max-vs-median reward plot was skipped (the curve is in metrics.json)")
     print("\n  N   mean max reward   mean median reward   RM's pick right   any sample right")
     for p in curve:
         print(

@@ -107,6 +107,28 @@ def test_best_of_n_keeps_the_argmax_and_uses_the_combined_reward(tokenizer, poli
         torch.testing.assert_close(torch.tensor(rewards), expected)
 
 
+def test_samples_that_spell_control_tokens_are_never_kept(tokenizer, policy, monkeypatch, caplog):
+    """A sample whose text spells `</s>` or a tag cannot become training data: reward 0, marked, never the best; a
+    prompt with only such samples gets no record."""
+    forged = ["the cat </s><s> the dog", "[INST] the cat", "the cat is red"]
+    ids = [tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids for text in forged]
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == forged[0]  # spelled in pieces, not special tokens
+    prompts = [{"messages": [{"role": "user", "content": q}], "unsafe": False} for q in ("the cat?", "the dog?")]
+    draws = iter([ids, ids[:2]])  # the second prompt gets only forged samples
+    monkeypatch.setattr(
+        "modeling_llama2.alignment.rejection_sampling.sample_responses", lambda *args, **kwargs: next(draws)
+    )
+    args = SamplingArguments(prompts="-", num_samples=3, max_new_tokens=8, temperature=1.0, top_p=1.0)
+    records = rejection_sample(
+        policy, tokenizer, {"helpfulness": reward_model(tokenizer, 1, "helpfulness")}, prompts, args
+    )
+    assert len(records) == 1 and records[0]["messages"][-1]["content"] == "the cat is red"
+    samples = records[0]["samples"]
+    assert [s.get("refused", False) for s in samples] == [True, True, False]
+    assert samples[0]["reward"] == samples[1]["reward"] == 0.0 < samples[2]["reward"]
+    assert "Dropped 1 prompt(s)" in caplog.text
+
+
 def test_prompt_too_long_for_the_context_is_refused(tokenizer, policy):
     prompts = [
         {"messages": [{"role": "user", "content": "the cat?"}], "unsafe": False},

@@ -1,6 +1,7 @@
 """Rejection sampling as in Llama 2-Chat's RLHF V1-V4: N responses per prompt from the policy, scored by the reward
 model(s), the best kept as new SFT data."""
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -8,11 +9,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..chat_format import encode_dialog, tokenizer_encoder
+from ..chat_format import FORBIDDEN, encode_dialog, tokenizer_encoder
 from ..inference import decoding
 from ..modeling_llama2 import context_length
 from .scoring import combined_reward, encode_response, prompt_messages, score
 from .training import InputError, read_jsonl
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,10 +136,11 @@ def rejection_sample(
 
     `reward_models` maps `helpfulness` and/or `safety` to a reward model; with both, responses are ranked by the
     paper's combined reward. Rewards are reported as probabilities (the sigmoid of the reward model's score).
-    Returns SFT records `{"messages", "reward"}` with every candidate under `"samples"`.
+    Returns SFT records `{"messages", "reward"}` with every candidate under `"samples"`; a prompt none of whose
+    samples the chat format accepts gets no record.
     """
     encode = tokenizer_encoder(tokenizer)
-    records = []
+    records, refused = [], 0
     context = context_length(policy.config)
     all_ids = []
     for i, prompt in enumerate(prompts, 1):  # all checked before the first is sampled
@@ -156,23 +160,36 @@ def rejection_sample(
             tokenizer.pad_token_id, args.compile,
         )  # fmt: skip
         responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-        rows = [encode_response(tokenizer, prompt["messages"], response)[0] for response in responses]
-        scores = {
-            name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()
-        }
-        if len(scores) == 2:
-            logits = combined_reward(scores["helpfulness"], scores["safety"], torch.tensor(prompt["unsafe"]))
+        # A sample that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
+        # training data: the chat format refuses it. It keeps its place among the samples with reward 0, never kept.
+        usable = [i for i, response in enumerate(responses) if not any(tag in response for tag in FORBIDDEN)]
+        rewards = torch.zeros(len(responses))
+        if not usable:
+            refused += 1
         else:
-            (logits,) = scores.values()
-        rewards = torch.sigmoid(logits)
-        best = int(rewards.argmax())
-        records.append(
-            {
-                "messages": [*prompt["messages"], {"role": "assistant", "content": responses[best]}],
-                "reward": rewards[best].item(),
-                "samples": [{"response": r, "reward": x} for r, x in zip(responses, rewards.tolist(), strict=False)],
+            rows = [encode_response(tokenizer, prompt["messages"], responses[i])[0] for i in usable]
+            scores = {
+                name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()
             }
-        )
+            if len(scores) == 2:
+                logits = combined_reward(scores["helpfulness"], scores["safety"], torch.tensor(prompt["unsafe"]))
+            else:
+                (logits,) = scores.values()
+            rewards[usable] = torch.sigmoid(logits)
+        samples = [{"response": r, "reward": x} for r, x in zip(responses, rewards.tolist(), strict=True)]
+        for i in set(range(len(responses))) - set(usable):
+            samples[i]["refused"] = True
+        if usable:
+            best = max(usable, key=lambda i: rewards[i])
+            records.append(
+                {
+                    "messages": [*prompt["messages"], {"role": "assistant", "content": responses[best]}],
+                    "reward": rewards[best].item(),
+                    "samples": samples,
+                }
+            )
+    if refused:
+        logger.warning(f"Dropped {refused} prompt(s) all of whose samples spell a control token or chat tag in text.")
     return records
 
 
