@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import ConversionError
@@ -75,20 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that the staging folder is removed on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input is one `error:` line and exit code 2, and an interruption (SIGINT, SIGTERM) leaves
+    --output-dir as it was and exits 130 or 143 (128 + the signal's number, as a shell reports a killed process)."""
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
-    # Imported here so that `--help` answers without loading torch and transformers.
-    from .llama2c import llama2c_to_hf
-    from .meta import hf_to_meta, meta_to_hf
-
-    convert = {"meta-to-hf": meta_to_hf, "hf-to-meta": hf_to_meta, "llama2c-to-hf": llama2c_to_hf}[command]
     source = args.pop("checkpoint" if command == "llama2c-to-hf" else "input_dir")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        # Imported here so that `--help` answers without loading torch and transformers.
+        from .llama2c import llama2c_to_hf
+        from .meta import hf_to_meta, meta_to_hf
+
+        convert = {"meta-to-hf": meta_to_hf, "hf-to-meta": hf_to_meta, "llama2c-to-hf": llama2c_to_hf}[command]
         convert(source, args.pop("output_dir"), **args)
     except ConversionError as error:
         print(f"llama2-convert {command}: error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as interruption:
+        name, code = ("SIGTERM", 143) if isinstance(interruption, Terminated) else ("SIGINT", 130)
+        print(f"llama2-convert {command}: interrupted by {name}; --output-dir was left as it was.", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from google.protobuf.message import DecodeError
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -52,30 +55,121 @@ def parse_size(text: str) -> int:
     return int(number * base ** "BKMGT".index(unit[0]))
 
 
-def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
-    """Fail before any work if the conversion would clobber something."""
-    if output_dir.is_file() or (output_dir.exists() and any(output_dir.iterdir()) and not overwrite):
+def check_output_dir(output_dir: str | Path, *, overwrite: bool, inputs: list[Path]) -> Path:
+    """Fail before any work if the conversion would clobber something, and return the output's resolved path
+    (symlinks followed, so that `.` or a link to the input is seen for what it is)."""
+    output_dir = Path(output_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if output_dir == cwd or output_dir in cwd.parents:
+        raise ConversionError(
+            f"--output-dir {output_dir} is the current folder or contains it; name a new folder, e.g. --output-dir "
+            "./model-hf."
+        )
+    for source in inputs:
+        source = source.resolve()
+        if output_dir == source or output_dir in source.parents or source in output_dir.parents:
+            raise ConversionError(
+                f"--output-dir {output_dir} is, contains or lies inside the input {source}; writing there would "
+                "destroy or mix with the checkpoint being read. Choose a folder beside it."
+            )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"--output-dir {output_dir} is a file; name a folder to create.")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{output_dir} is not empty; choose another --output-dir or pass --overwrite.")
+    parent = next(p for p in output_dir.parents if p.exists())  # the folder the missing ones are created in
+    if not parent.is_dir():
+        raise ConversionError(f"{parent} is a file, so --output-dir {output_dir} cannot be created in it.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"Cannot write in {parent}: permission denied; choose another --output-dir.")
+    return output_dir
 
 
 @contextmanager
-def staging_dir(output_dir: Path, *, overwrite: bool) -> Iterator[Path]:
+def staging_dir(output_dir: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `output_dir` that replaces it only once the body succeeds,
-    so an interrupted conversion never leaves a half-written checkpoint behind."""
-    check_output_dir(output_dir, overwrite=overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    so an interrupted conversion never leaves a half-written checkpoint behind.
+
+    The temporary folders carry this process's id (`.NAME.partial-PID-*`, `.NAME.old-PID-*`), so a later run can
+    tell those of a killed run (whose process is gone) and remove them. An existing output is renamed aside,
+    the new one renamed in, and only then the old one deleted: at every moment one complete output exists.
+    """
+    output_dir = output_dir.resolve()
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(output_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
+    except OSError as error:
+        raise ConversionError(f"Cannot create {output_dir}: {error}; choose another --output-dir.") from error
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output gets a plain `mkdir`'s mode
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old / output_dir.name)
-        shutil.rmtree(old)
-    os.replace(staging, output_dir)
+    with signals_deferred():
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(output_dir, old)
+            try:
+                os.replace(staging, output_dir)
+            except BaseException:
+                os.replace(old, output_dir)
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output_dir)
+
+
+STALE = r"\.{name}\.(partial|old)-(\d+)-[^/]+"
+
+
+def remove_stale(output_dir: Path) -> None:
+    """Remove the temporary folders of runs that were killed before they could clean up: `.NAME.partial-PID-*`
+    (deleted) and `.NAME.old-PID-*` (the previous output, put back if the kill came between the two renames),
+    where no process PID runs any more, or PID is this process's own (in a container every run may get the same)."""
+    pattern = re.compile(STALE.format(name=re.escape(output_dir.name)))
+    for path in output_dir.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_dir() or path.is_symlink() or _running(int(match[2])):
+            continue
+        if match[1] == "old" and not output_dir.exists():
+            os.replace(path, output_dir)
+        else:
+            shutil.rmtree(path)
+
+
+def _running(pid: int) -> bool:
+    """Whether another process with this id runs."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the output is swapped, so that no interruption falls between the renames."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def tokenizer_error(path: Path, error: Exception) -> ConversionError:
+    """One line for a tokenizer.model that sentencepiece cannot read or the fast tokenizer cannot reproduce."""
+    if isinstance(error, ValueError):  # `tokenizer`'s own refusals, which name the file and the reason
+        return ConversionError(str(error))
+    return ConversionError(
+        f"{path} is not a sentencepiece tokenizer.model ({str(error).strip()}); pass --tokenizer with the model's own."
+    )
 
 
 def current_umask() -> int:
@@ -136,13 +230,16 @@ def save_hf_checkpoint(
     tokenizer: Path | None,
     chat: bool,
     model_type: str,
-    overwrite: bool,
 ) -> None:
     """Write weights, `config.json`, `generation_config.json` and, given a `tokenizer.model`, the tokenizer files,
     all into `output_dir` at once. `model_type` is `llama` for a stock transformers Llama checkpoint, `llama2` for
-    this package's own (with `auto_map` and the source files)."""
-    output_dir = Path(output_dir)
-    with staging_dir(output_dir, overwrite=overwrite) as staging:
+    this package's own (with `auto_map` and the source files). `output_dir` is checked by `check_output_dir`."""
+    if dtype is None and (odd := next((t for t in tensors if t.dtype not in SAFETENSORS_DTYPES), None)):
+        raise ConversionError(
+            f"{odd.name} is stored as {odd.dtype}; Llama checkpoints are written in float16, bfloat16 or float32: "
+            "pass --dtype."
+        )
+    with staging_dir(Path(output_dir)) as staging:
         config.checkpoint_format = model_type
         config.architectures = ["Llama2ForCausalLM"]  # written as `LlamaForCausalLM` in the stock format
         config.dtype = dtype or tensors[0].dtype
@@ -157,5 +254,8 @@ def save_hf_checkpoint(
             # No `max_length`: with it, every `generate(max_new_tokens=...)` warns that both are set.
         ).save_pretrained(staging)
         if tokenizer is not None:
-            save_tokenizer(tokenizer, staging, chat=chat, model_max_length=config.max_position_embeddings)
+            try:
+                save_tokenizer(tokenizer, staging, chat=chat, model_max_length=config.max_position_embeddings)
+            except (ValueError, RuntimeError, DecodeError) as error:
+                raise tokenizer_error(tokenizer, error) from error
         write_safetensors(staging, tensors, dtype=dtype, max_shard_size=max_shard_size)

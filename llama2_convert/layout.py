@@ -11,17 +11,20 @@ Meta's names and layout.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_llama2 import Llama2Config
 
 from . import ConversionError
-from .hf import LazyTensor
+from .hf import LazyTensor, tokenizer_error
 from .tokenizer import token_config
 
 IGNORED_KEYS = {"rope.freqs"}  # Meta's precomputed rotary frequencies, recomputed by every model
@@ -107,41 +110,115 @@ def ffn_params(dim: int, hidden: int) -> dict:
     )
 
 
-def config_from_params(params: dict, *, tokenizer: Path | None, max_position_embeddings: int) -> Llama2Config:
+# Meta's Llama 3.1 `apply_scaling` constants, which `use_scaled_rope: true` in params.json switches on.
+LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON `true` is no layer count
+
+
+def is_number(value: object) -> bool:
+    return is_int(value) or isinstance(value, float)
+
+
+# Keys of params.json (Meta's `ModelArgs`): a test of the value and what it must be. `max_batch_size` and
+# `max_seq_len` size Meta's KV cache at inference and do not change the model.
+PARAMS = {
+    "dim": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "n_layers": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "n_heads": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "n_kv_heads": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
+    "multiple_of": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "ffn_dim_multiplier": (lambda v: v is None or (is_number(v) and v > 0), "a positive number or null"),
+    "norm_eps": (is_number, "a number"),
+    "vocab_size": (lambda v: is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 for the tokenizer's size"),
+    "rope_theta": (is_number, "a number"),
+    "use_scaled_rope": (lambda v: isinstance(v, bool), "true or false"),
+    "max_batch_size": (lambda v: True, ""),
+    "max_seq_len": (lambda v: True, ""),
+}
+
+
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size")
+
+
+def check_params(params: object, source: str = "params.json") -> None:
+    """Refuse settings Meta's code would not build the intended model from: missing, unknown or ill-typed keys."""
+    if not isinstance(params, dict):
+        raise ConversionError(f"{source} holds {type(params).__name__}, not an object of model settings.")
+    if missing := [key for key in REQUIRED_PARAMS if key not in params]:
+        raise ConversionError(f"{source} lacks {', '.join(missing)}; it does not look like a Llama 2 params.json.")
+    if unknown := sorted(set(params) - set(PARAMS)):
+        raise ConversionError(
+            f"{source} has keys this converter does not know: {', '.join(unknown)}. They may change the model "
+            "(another Llama generation?), so it is not converted; remove them if you know they are harmless."
+        )
+    for key, value in params.items():
+        valid, kind = PARAMS[key]
+        if not valid(value):
+            raise ConversionError(f"{source}: {key} is {json.dumps(value)}; it must be {kind}.")
+
+
+def config_from_params(
+    params: dict, *, tokenizer: Path | None, max_position_embeddings: int, source: str = "params.json"
+) -> Llama2Config:
     """The model config `params.json` describes; `vocab_size: -1` means the tokenizer's size."""
-    missing = [
-        key for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size") if key not in params
-    ]
-    if missing:
-        raise ConversionError(f"params.json lacks {', '.join(missing)}; it does not look like a Llama 2 params.json.")
-    tokens = token_config(tokenizer) if tokenizer else {}
+    check_params(params, source)
+    try:
+        tokens = token_config(tokenizer) if tokenizer else {}
+    except (ValueError, RuntimeError) as error:
+        raise tokenizer_error(tokenizer, error) from error
     if params["vocab_size"] > 0:
         if tokens.get("vocab_size", 0) > params["vocab_size"]:
             raise ConversionError(
-                f"{tokenizer} has {tokens['vocab_size']} pieces, more than params.json's vocab_size "
+                f"{tokenizer} has {tokens['vocab_size']} pieces, more than {source}'s vocab_size "
                 f"{params['vocab_size']}: it belongs to another model; pass the right --tokenizer."
             )
         tokens["vocab_size"] = params["vocab_size"]
     elif not tokens:
         raise ConversionError(
-            "params.json has vocab_size -1, meaning the tokenizer's size, and no tokenizer.model lies in or "
+            f"{source} has vocab_size -1, meaning the tokenizer's size, and no tokenizer.model lies in or "
             "above --input-dir; pass --tokenizer PATH."
         )
-    return Llama2Config(
-        hidden_size=params["dim"],
-        intermediate_size=ffn_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
-        num_hidden_layers=params["n_layers"],
-        num_attention_heads=params["n_heads"],
-        num_key_value_heads=params.get("n_kv_heads") or params["n_heads"],
-        rms_norm_eps=params["norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
-        max_position_embeddings=max_position_embeddings,
-        **tokens,
-    )
+    rope = {"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))}
+    if params.get("use_scaled_rope"):
+        rope |= {"rope_type": "llama3", **LLAMA3_ROPE}
+    try:
+        return Llama2Config(
+            hidden_size=params["dim"],
+            intermediate_size=ffn_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
+            num_hidden_layers=params["n_layers"],
+            num_attention_heads=params["n_heads"],
+            num_key_value_heads=params.get("n_kv_heads") or params["n_heads"],
+            rms_norm_eps=float(params["norm_eps"]),
+            rope_parameters=rope,
+            max_position_embeddings=max_position_embeddings,
+            **tokens,
+        )
+    except (ValueError, StrictDataclassError) as error:
+        raise ConversionError(f"{source} describes no valid model: {str(error).strip()}") from error
 
 
 def params_from_config(config: Llama2Config) -> dict:
-    """The `params.json` Meta's code builds `config`'s model from."""
+    """The `params.json` Meta's code builds `config`'s model from, after refusing what it cannot say."""
+    rope = dict(config.rope_parameters)
+    theta, rope_type = rope.pop("rope_theta"), rope.pop("rope_type", "default")
+    scaled = rope_type == "llama3" and {k: rope.get(k) for k in LLAMA3_ROPE} == LLAMA3_ROPE
+    window = getattr(config, "sliding_window", None)  # a Mistral config relabelled as Llama
+    problems = {
+        f"RoPE {rope_type} {rope}": rope_type != "default" and not scaled,
+        f"hidden_act {config.hidden_act}": config.hidden_act != "silu",
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        f"head_dim {config.head_dim} (not dim / n_heads)": config.head_dim * config.num_attention_heads
+        != config.hidden_size,
+        f"sliding_window {window}": window is not None,
+    }
+    if found := [problem for problem, present in problems.items() if present]:
+        raise ConversionError(
+            f"Meta's params.json cannot express {', '.join(found)}: the Meta checkpoint would be another model."
+        )
     params = {
         "dim": config.hidden_size,
         "n_layers": config.num_hidden_layers,
@@ -151,13 +228,35 @@ def params_from_config(config: Llama2Config) -> dict:
         "norm_eps": config.rms_norm_eps,
         **ffn_params(config.hidden_size, config.intermediate_size),
     }
-    theta = config.rope_parameters["rope_theta"]
-    return params | ({"rope_theta": theta} if theta != 10000.0 else {})  # Llama 2's ModelArgs has no rope_theta
+    params |= {"rope_theta": theta} if theta != 10000.0 else {}  # Llama 2's ModelArgs has no rope_theta
+    return params | ({"use_scaled_rope": True} if scaled else {})
+
+
+def num_parameters(config: Llama2Config) -> int:
+    """The element count of `weights(config)` (without a tied `lm_head`), computed without listing them: a
+    params.json may claim a billion layers, and that is checked against the files first."""
+    dim, ffn, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    attention = (2 * config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim * dim
+    layer = 2 * dim + attention + 3 * dim * ffn
+    return config.vocab_size * dim * (1 if config.tie_word_embeddings else 2) + dim + config.num_hidden_layers * layer
+
+
+def check_layer_count(names: list[str], config: Llama2Config, source: str, prefix: str = "") -> None:
+    """Refuse a config that claims more layers than `source` holds, before anything is built per layer."""
+    pattern = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.")
+    held = len({match[1] for name in names if (match := pattern.match(name))})
+    if config.num_hidden_layers > held:
+        raise ConversionError(
+            f"{source} holds {held} layers, but the model's settings give {config.num_hidden_layers}: the settings "
+            "and the weights belong to different models."
+        )
 
 
 def merged_tensors(shards: list[dict[str, torch.Tensor]], sources: list[str], config: Llama2Config) -> list[LazyTensor]:
     """Check every shard holds exactly the tensors `config` needs, in its shape, and return the Hugging
     Face tensors, each merged from the shards only when it is written."""
+    for shard, source in zip(shards, sources, strict=False):
+        check_layer_count(list(shard), config, source)
     specs = weights(config)
     expected = {w.meta for w in specs}
     for shard, source in zip(shards, sources, strict=False):
@@ -172,6 +271,11 @@ def merged_tensors(shards: list[dict[str, torch.Tensor]], sources: list[str], co
                 "describes."
             )
         for w in specs:
+            if not shard[w.meta].dtype.is_floating_point:
+                raise ConversionError(
+                    f"{source}: {w.meta} holds {shard[w.meta].dtype} values; Llama weights are floating point, so "
+                    "this is a quantized or foreign checkpoint, which cannot be converted."
+                )
             if tuple(shard[w.meta].shape) != w.shard_shape(len(shards)):
                 raise ConversionError(
                     f"{source}: {w.meta} has shape {tuple(shard[w.meta].shape)}, but params.json split into "

@@ -16,8 +16,8 @@ from modeling_llama2.configuration_llama2 import STOCK_MODEL_TYPE
 
 from . import ConversionError
 from .hf import DTYPES, check_output_dir, parse_size, save_hf_checkpoint
-from .layout import config_from_params, ffn_dim, ffn_params, merged_tensors, weights
-from .meta import find_tokenizer, torch_load
+from .layout import config_from_params, ffn_dim, ffn_params, is_int, merged_tensors, num_parameters, weights
+from .meta import find_tokenizer, resolve_tokenizer, torch_load
 
 MAGIC = 0x616B3432  # "ak42", which starts version 1 and later `.bin` exports
 HEADER_V1 = 256
@@ -30,8 +30,20 @@ def read_ckpt(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[st
         raise ConversionError(
             f"{path} has no 'model' and 'model_args'; it is not a llama2.c training checkpoint (ckpt.pt)."
         )
-    args = ckpt["model_args"]
-    state = {name.removeprefix("_orig_mod."): tensor for name, tensor in ckpt["model"].items()}
+    args, model = ckpt["model_args"], ckpt["model"]
+    if not isinstance(args, dict) or not isinstance(model, dict) or not all(map(torch.is_tensor, model.values())):
+        raise ConversionError(
+            f"{path}: 'model_args' or 'model' is malformed; it is not a llama2.c training checkpoint."
+        )
+    sizes = ["dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"]
+    sizes += ["hidden_dim"] if args.get("hidden_dim") is not None else ["multiple_of"]
+    sizes += ["n_kv_heads"] if args.get("n_kv_heads") is not None else []
+    if missing := [key for key in sizes if key not in args]:
+        raise ConversionError(
+            f"{path}'s model_args lacks {', '.join(missing)}; it is not a llama2.c training checkpoint (ckpt.pt)."
+        )
+    _check_sizes({key: args[key] for key in sizes}, f"{path}'s model_args")
+    state = {name.removeprefix("_orig_mod."): tensor for name, tensor in model.items()}
     hidden = args.get("hidden_dim") or ffn_dim(args["dim"], args["multiple_of"])
     config = _config(
         args["dim"],
@@ -43,6 +55,7 @@ def read_ckpt(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[st
         args["max_seq_len"],
         args.get("norm_eps", 1e-5),
         tokenizer,
+        f"{path}'s model_args",
     )
     embedding, output = state.get("tok_embeddings.weight"), state.get("output.weight")
     config.tie_word_embeddings = embedding is not None and output is not None and torch.equal(embedding, output)
@@ -67,8 +80,18 @@ def read_bin(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[str
     else:  # version 0 flags an untied classifier with a negative vocabulary size
         dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack_from("<7i", header)
         shared, vocab, offset = vocab > 0, abs(vocab), 28
-    config = _config(dim, hidden, layers, heads, kv_heads, vocab, seq_len, 1e-5, tokenizer)
+    sizes = {"dim": dim, "hidden_dim": hidden, "n_layers": layers, "n_heads": heads, "n_kv_heads": kv_heads}
+    _check_sizes(sizes | {"vocab_size": vocab, "seq_len": seq_len}, f"{path}'s header")
+    config = _config(dim, hidden, layers, heads, kv_heads, vocab, seq_len, 1e-5, tokenizer, f"{path}'s header")
     config.tie_word_embeddings = shared
+    # The size the header implies, checked before anything is listed per layer (a damaged header may claim 1e8).
+    tables = seq_len * config.head_dim if magic != MAGIC else 0  # version 0's RoPE cos and sin
+    expected = offset + 4 * (num_parameters(config) + tables)
+    if expected != path.stat().st_size:
+        raise ConversionError(
+            f"{path} holds {path.stat().st_size:,} bytes but its header describes {expected:,}; "
+            "the file is truncated or not a llama2.c export."
+        )
 
     shapes = {w.meta: w.shape for w in weights(config)}
     freqs = (seq_len, config.head_dim // 2)
@@ -108,11 +131,6 @@ def read_bin(path: Path, tokenizer: Path | None) -> tuple[Llama2Config, dict[str
     order += [] if shared else ["output.weight"]
 
     sizes = [torch.Size(shapes[name]).numel() for name in order]
-    if offset + 4 * sum(sizes) != path.stat().st_size:
-        raise ConversionError(
-            f"{path} holds {path.stat().st_size} bytes but its header describes {offset + 4 * sum(sizes)}; "
-            "the file is truncated or not a llama2.c export."
-        )
     data = torch.from_file(str(path), shared=False, size=path.stat().st_size // 4, dtype=torch.float32)
     chunks = zip(order, data[offset // 4 :].split(sizes), strict=True)
     state = {name: chunk.view(shapes[name]) for name, chunk in chunks}
@@ -133,6 +151,7 @@ def _config(
     seq_len: int,
     norm_eps: float,
     tokenizer: Path | None,
+    source: str,
 ) -> Llama2Config:
     params = {
         "dim": dim,
@@ -143,7 +162,16 @@ def _config(
         "norm_eps": norm_eps,
         **ffn_params(dim, hidden),
     }
-    return config_from_params(params, tokenizer=tokenizer, max_position_embeddings=seq_len)
+    return config_from_params(params, tokenizer=tokenizer, max_position_embeddings=seq_len, source=source)
+
+
+def _check_sizes(sizes: dict[str, object], source: str) -> None:
+    """Refuse sizes that are not positive integers (a damaged or foreign file) before any is computed with."""
+    if bad := [f"{key} {value!r}" for key, value in sizes.items() if not (is_int(value) and value > 0)]:
+        raise ConversionError(
+            f"{source} gives {', '.join(bad)}, which must be positive integers: the file is damaged or not from "
+            "llama2.c."
+        )
 
 
 def llama2c_to_hf(
@@ -157,11 +185,11 @@ def llama2c_to_hf(
     overwrite: bool = False,
 ) -> None:
     """Convert a llama2.c `ckpt.pt` or `.bin`; the tokenizer defaults to a `tokenizer.model` beside it."""
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    check_output_dir(output_dir, overwrite=overwrite)
+    checkpoint = Path(checkpoint)
+    output_dir = check_output_dir(output_dir, overwrite=overwrite, inputs=[checkpoint])
     if not checkpoint.is_file():
         raise ConversionError(f"{checkpoint} is not a file; pass a llama2.c ckpt.pt or exported .bin.")
-    tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(checkpoint.parent)
+    tokenizer = resolve_tokenizer(tokenizer, find_tokenizer(checkpoint.parent))
     config, state = (read_bin if checkpoint.suffix == ".bin" else read_ckpt)(checkpoint, tokenizer)
     save_hf_checkpoint(
         output_dir,
@@ -172,5 +200,4 @@ def llama2c_to_hf(
         tokenizer=tokenizer,
         chat=False,
         model_type=model_type,
-        overwrite=overwrite,
     )

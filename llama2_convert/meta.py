@@ -8,9 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from torch.serialization import set_default_mmap_options, skip_data
 from tqdm import tqdm
@@ -20,7 +24,16 @@ from modeling_llama2.configuration_llama2 import STOCK_MODEL_TYPE
 
 from . import ConversionError
 from .hf import DTYPES, SAFETENSORS_DTYPES, check_output_dir, parse_size, save_hf_checkpoint, staging_dir
-from .layout import config_from_params, merged_tensors, params_from_config, some_names, to_interleaved, weights
+from .layout import (
+    check_layer_count,
+    config_from_params,
+    merged_tensors,
+    num_parameters,
+    params_from_config,
+    some_names,
+    to_interleaved,
+    weights,
+)
 
 STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 LLAMA2_POSITIONS = 4096
@@ -29,6 +42,8 @@ LLAMA2_POSITIONS = 4096
 def torch_load(path: Path):
     """Memory-map a checkpoint, unpickling nothing but tensors and plain containers: a malicious file
     cannot run code."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty (0 bytes): the download or save did not finish; fetch it again.")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:
@@ -43,15 +58,46 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# A line of GNU `md5sum` output: the hex digest, then ` ` (text mode) or `*` (binary mode) before the name.
+CHECKLIST_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
+
+
 def verify_checksums(input_dir: Path) -> None:
-    """Check the md5 sums Meta ships in `checklist.chk`, if there is one."""
+    """Check the md5 sums Meta ships in `checklist.chk`, if there is one. Only plain files inside `input_dir` are
+    read: an entry such as `/dev/zero` or `../../etc/hostname` is refused, not followed."""
     checklist = input_dir / "checklist.chk"
     if not checklist.exists():
         return
-    entries = [line.split() for line in checklist.read_text().splitlines() if line.strip()]
-    if missing := [name for _, name in entries if not (input_dir / name).exists()]:
+    if not checklist.is_file():
+        raise ConversionError(f"{checklist} is not a plain file; remove it or pass --skip-checksum.")
+    try:
+        lines = checklist.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"{checklist} is not text ({error}); remove it or pass --skip-checksum.") from error
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not (match := CHECKLIST_LINE.fullmatch(line.strip())):
+            raise ConversionError(
+                f"{checklist}, line {number}: {line.strip()[:80]!r} is not 'MD5SUM  FILENAME' as md5sum writes it; "
+                "fix the line or pass --skip-checksum."
+            )
+        name = Path(match[2])
+        if name.is_absolute() or ".." in name.parts:
+            raise ConversionError(
+                f"{checklist}, line {number}: {match[2]!r} lies outside {input_dir}; only the checkpoint's own files "
+                "are verified. Fix the line or pass --skip-checksum."
+            )
+        entries.append((match[1].lower(), name))
+    if missing := [str(name) for _, name in entries if not (input_dir / name).exists()]:
         raise ConversionError(
             f"checklist.chk lists {some_names(missing)}, which is not in {input_dir}; the download is incomplete."
+        )
+    if odd := [str(name) for _, name in entries if not (input_dir / name).is_file()]:
+        raise ConversionError(
+            f"checklist.chk lists {some_names(odd)}, which is not a plain file; only files are verified. Fix "
+            "checklist.chk or pass --skip-checksum."
         )
     for digest, name in tqdm(entries, desc="Verifying checklist.chk", unit="file"):
         if md5sum(input_dir / name) != digest:
@@ -71,7 +117,24 @@ def md5sum(path: Path) -> str:
 
 def find_tokenizer(input_dir: Path) -> Path | None:
     """`tokenizer.model` in the checkpoint folder or the one above it, where Meta's download puts it."""
-    return next((p for p in (input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model") if p.exists()), None)
+    return next((p for p in (input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model") if p.is_file()), None)
+
+
+def resolve_tokenizer(tokenizer: str | Path | None, default: Path | None) -> Path | None:
+    """`--tokenizer` if given (which must be a plain file: sentencepiece reads it whole), else `default`."""
+    if tokenizer is None:
+        return default
+    if not Path(tokenizer).is_file():
+        raise ConversionError(f"--tokenizer {tokenizer} is not a file; pass the model's tokenizer.model.")
+    return Path(tokenizer)
+
+
+def read_json(path: Path) -> object:
+    """A JSON file's content; a file that is not JSON is bad input, not a crash."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConversionError(f"Cannot read {path} as JSON: {error}.") from error
 
 
 def meta_to_hf(
@@ -88,9 +151,9 @@ def meta_to_hf(
     overwrite: bool = False,
 ) -> None:
     """Convert Meta's checkpoint folder; `chat=None` guesses from the folder name (`llama-2-7b-chat`)."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    check_output_dir(output_dir, overwrite=overwrite)
-    if not (input_dir / "params.json").exists():
+    input_dir = Path(input_dir)
+    output_dir = check_output_dir(output_dir, overwrite=overwrite, inputs=[input_dir])
+    if not (input_dir / "params.json").is_file():
         raise ConversionError(
             f"{input_dir / 'params.json'} not found; --input-dir must be a folder of Meta's release, such as "
             "llama-2-7b/, holding params.json and consolidated.*.pth."
@@ -101,14 +164,22 @@ def meta_to_hf(
             f"{input_dir} must hold consolidated.00.pth, consolidated.01.pth, ... numbered without gaps; "
             f"found {[p.name for p in paths]}."
         )
-    tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(input_dir)
+    if not (isinstance(max_position_embeddings, int) and max_position_embeddings > 0):
+        raise ConversionError(f"--max-position-embeddings must be a positive integer, got {max_position_embeddings}.")
+    tokenizer = resolve_tokenizer(tokenizer, find_tokenizer(input_dir))
     if not skip_checksum:
         verify_checksums(input_dir)
     config = config_from_params(
-        json.loads((input_dir / "params.json").read_text()),
-        tokenizer=tokenizer,
-        max_position_embeddings=max_position_embeddings,
+        read_json(input_dir / "params.json"), tokenizer=tokenizer, max_position_embeddings=max_position_embeddings
     )
+    # Shards hold every weight at least once in 2-byte floats: a params.json claiming more is refused before
+    # anything is built per layer or per element.
+    held, needed = sum(p.stat().st_size for p in paths), 2 * num_parameters(config)
+    if held < needed:
+        raise ConversionError(
+            f"params.json describes {num_parameters(config):,} parameters, at least {needed:,} bytes, but the shards "
+            f"hold {held:,} bytes: params.json and the shards belong to different models."
+        )
     tensors = merged_tensors([load_pth(p) for p in paths], [p.name for p in paths], config)
     save_hf_checkpoint(
         output_dir,
@@ -119,7 +190,6 @@ def meta_to_hf(
         tokenizer=tokenizer,
         chat="chat" in input_dir.resolve().name if chat is None else chat,
         model_type=model_type,
-        overwrite=overwrite,
     )
 
 
@@ -138,8 +208,12 @@ def hf_to_meta(
     Each shard is first saved as a data-less skeleton, then memory-mapped shared and filled tensor by
     tensor, so memory stays near one tensor rather than one shard.
     """
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    check_output_dir(output_dir, overwrite=overwrite)
+    input_dir = Path(input_dir)
+    output_dir = check_output_dir(output_dir, overwrite=overwrite, inputs=[input_dir])
+    if not (isinstance(num_shards, int) and num_shards > 0):
+        raise ConversionError(
+            f"--num-shards must be a positive integer (1 for 7B, 2 for 13B, 8 for 70B), got {num_shards}."
+        )
     try:
         torch_internals.require(torch_internals.META_EXPORT)
     except RuntimeError as error:
@@ -148,7 +222,7 @@ def hf_to_meta(
         raise ConversionError(
             f"{input_dir / 'config.json'} not found; --input-dir must be a Hugging Face checkpoint folder."
         )
-    tokenizer = Path(tokenizer) if tokenizer else input_dir / "tokenizer.model"
+    tokenizer = resolve_tokenizer(tokenizer, input_dir / "tokenizer.model")
     if no_tokenizer:
         tokenizer = None
     elif not tokenizer.is_file():
@@ -159,9 +233,11 @@ def hf_to_meta(
         )
     try:
         config = Llama2Config.from_pretrained(input_dir)
-    except ValueError as error:
-        raise ConversionError(str(error)) from error
+    except (ValueError, OSError, StrictDataclassError) as error:
+        raise ConversionError(f"{input_dir / 'config.json'}: {str(error).strip()}") from error
+    params = params_from_config(config)
     files = _safetensors_files(input_dir)
+    check_layer_count(list(files), config, str(input_dir), prefix="model.")
     specs = weights(config)
     # Where each Meta tensor comes from, checked before anything is written; a tied lm_head is the embedding.
     sources, dtypes = {}, {}
@@ -169,7 +245,9 @@ def hf_to_meta(
         name = "model.embed_tokens.weight" if config.tie_word_embeddings and w.hf == "lm_head.weight" else w.hf
         if name not in files:
             raise ConversionError(f"{input_dir} has no tensor {name}; it is not a complete Llama checkpoint.")
-        with safe_open(input_dir / files[name], "pt") as f:
+        with open_safetensors(input_dir / files[name]) as f:
+            if name not in f.keys():
+                raise ConversionError(f"{input_dir / files[name]} lacks {name}, which the index puts there.")
             stored = f.get_slice(name)
             shape, dtype = tuple(stored.get_shape()), stored.get_dtype()
         if shape != w.shape:
@@ -178,8 +256,8 @@ def hf_to_meta(
             raise ConversionError(f"{input_dir}: {name} is {dtype}; Meta checkpoints hold F16, BF16 or F32 weights.")
         sources[w.meta], dtypes[w.meta] = (input_dir / files[name], name), STORED_DTYPES[dtype]
 
-    with staging_dir(output_dir, overwrite=overwrite) as staging:
-        (staging / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
+    with staging_dir(output_dir) as staging:
+        (staging / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         paths = [staging / f"consolidated.{i:02d}.pth" for i in range(num_shards)]
         with torch_internals.FakeTensorMode():
             skeleton = {w.meta: torch.empty(w.shard_shape(num_shards), dtype=dtypes[w.meta]) for w in specs}
@@ -190,7 +268,7 @@ def hf_to_meta(
             shards = [torch.load(path, mmap=True, weights_only=True) for path in paths]
         for w in tqdm(specs, desc="Writing Meta shards", unit="tensor"):
             file, name = sources[w.meta]
-            with safe_open(file, "pt") as f:
+            with open_safetensors(file) as f:
                 tensor = f.get_tensor(name)
             if w.rotary_heads:
                 tensor = to_interleaved(tensor, w.rotary_heads)
@@ -208,8 +286,25 @@ def _safetensors_files(input_dir: Path) -> dict[str, str]:
     """Tensor name -> file, from `model.safetensors.index.json` or a single `model.safetensors`."""
     index = input_dir / "model.safetensors.index.json"
     if index.exists():
-        return json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index} has no weight_map of tensor names to files; the folder is damaged.")
+        return weight_map
     if (input_dir / "model.safetensors").exists():
-        with safe_open(input_dir / "model.safetensors", "pt") as f:
+        with open_safetensors(input_dir / "model.safetensors") as f:
             return {name: "model.safetensors" for name in f.keys()}
     raise ConversionError(f"{input_dir} has neither model.safetensors.index.json nor model.safetensors.")
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """`safe_open`, with a damaged or missing file reported as bad input."""
+    try:
+        f = safe_open(path, "pt")
+    except Exception as error:  # SafetensorError, FileNotFoundError, ...
+        raise ConversionError(
+            f"Cannot read {path} as safetensors ({error}); the file is damaged or missing."
+        ) from error
+    with f:
+        yield f
