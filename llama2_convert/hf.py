@@ -57,7 +57,8 @@ def parse_size(text: str) -> int:
 
 def check_output_dir(output_dir: str | Path, *, overwrite: bool, inputs: list[Path]) -> Path:
     """Fail before any work if the conversion would clobber something, and return the output's resolved path
-    (symlinks followed, so that `.` or a link to the input is seen for what it is)."""
+    (symlinks followed, so that `.` or a link to the input is seen for what it is). What killed runs left beside
+    the output is tidied first (`remove_stale`)."""
     output_dir = Path(output_dir).resolve()
     cwd = Path.cwd().resolve()
     if output_dir == cwd or output_dir in cwd.parents:
@@ -74,13 +75,15 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, inputs: list[Pa
             )
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"--output-dir {output_dir} is a file; name a folder to create.")
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"{output_dir} is not empty; choose another --output-dir or pass --overwrite.")
     parent = next(p for p in output_dir.parents if p.exists())  # the folder the missing ones are created in
     if not parent.is_dir():
         raise ConversionError(f"{parent} is a file, so --output-dir {output_dir} cannot be created in it.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConversionError(f"Cannot write in {parent}: permission denied; choose another --output-dir.")
+    if parent == output_dir.parent:
+        remove_stale(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"{output_dir} is not empty; choose another --output-dir or pass --overwrite.")
     return output_dir
 
 
@@ -96,13 +99,15 @@ def staging_dir(output_dir: Path) -> Iterator[Path]:
     output_dir = output_dir.resolve()
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(output_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     except OSError as error:
         raise ConversionError(f"Cannot create {output_dir}: {error}; choose another --output-dir.") from error
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output gets a plain `mkdir`'s mode
     try:
         yield staging
+    except OSError as error:  # a full disk, a vanished input
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConversionError(f"Converting into {output_dir} failed: {error}") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -136,7 +141,7 @@ def remove_stale(output_dir: Path) -> None:
         if match[1] == "old" and not output_dir.exists():
             os.replace(path, output_dir)
         else:
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)  # tidying is best effort: what stays is only clutter
 
 
 def _running(pid: int) -> bool:

@@ -389,6 +389,16 @@ def test_ctrl_c_while_writing_cleans_up(tmp_path, meta, capsys, monkeypatch):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_full_disk_while_writing(tmp_path, meta, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "write_safetensors", full)
+    assert meta_to_hf(meta, tmp_path / "out" / "hf") == 2
+    assert_refused(capsys, "meta-to-hf", "failed: [Errno 28] No space left on device")
+    assert not list((tmp_path / "out").iterdir())
+
+
 def dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
