@@ -181,10 +181,10 @@ def config_from_params(
             f"{source} has vocab_size -1, meaning the tokenizer's size, and no tokenizer.model lies in or "
             "above --input-dir; pass --tokenizer PATH."
         )
-    rope = {"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))}
-    if params.get("use_scaled_rope"):
-        rope |= {"rope_type": "llama3", **LLAMA3_ROPE}
     try:
+        rope = {"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))}
+        if params.get("use_scaled_rope"):
+            rope |= {"rope_type": "llama3", **LLAMA3_ROPE}
         return Llama2Config(
             hidden_size=params["dim"],
             intermediate_size=ffn_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
@@ -196,7 +196,7 @@ def config_from_params(
             max_position_embeddings=max_position_embeddings,
             **tokens,
         )
-    except (ValueError, StrictDataclassError) as error:
+    except (ValueError, OverflowError, StrictDataclassError) as error:  # OverflowError: a number past float's range
         raise ConversionError(f"{source} describes no valid model: {str(error).strip()}") from error
 
 

@@ -106,6 +106,7 @@ PARAMS_ERRORS = {
     "heads-not-dividing-dim": (MHA | {"n_heads": 5}, "must divide `hidden_size`"),
     "kv-heads-not-dividing": (MHA | {"n_kv_heads": 3}, "`num_key_value_heads` (3) must divide"),
     "negative-rope-theta": (MHA | {"rope_theta": -1.0}, "`rope_theta` must be a positive finite number"),
+    "huge-rope-theta": (MHA | {"rope_theta": 10**400}, "describes no valid model: int too large"),
     "unknown-keys": (
         MHA | {"moe_experts": 8, "vision_chunk_size": 560},
         "does not know: moe_experts, vision_chunk_size",
