@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         convert = {"meta-to-hf": meta_to_hf, "hf-to-meta": hf_to_meta, "llama2c-to-hf": llama2c_to_hf}[command]
         convert(source, args.pop("output_dir"), **args)
     except ConversionError as error:
-        print(f"llama2-convert {command}: error: {error}", file=sys.stderr)
+        # One line, also for the config's multi-line validation errors.
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        print(f"llama2-convert {command}: error: {message}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as interruption:
         name, code = ("SIGTERM", 143) if isinstance(interruption, Terminated) else ("SIGINT", 130)

@@ -42,12 +42,17 @@ LLAMA2_POSITIONS = 4096
 def torch_load(path: Path):
     """Memory-map a checkpoint, unpickling nothing but tensors and plain containers: a malicious file
     cannot run code."""
-    if path.is_file() and path.stat().st_size == 0:
-        raise ConversionError(f"{path} is empty (0 bytes): the download or save did not finish; fetch it again.")
+    check_not_empty(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:
         raise ConversionError(f"Cannot read {path} as a tensors-only PyTorch checkpoint: {error}") from error
+
+
+def check_not_empty(path: Path) -> None:
+    """Refuse a zero-byte file, which torch would misreport as an old serialization format."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty (0 bytes): the download or save did not finish; fetch it again.")
 
 
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -174,6 +179,8 @@ def meta_to_hf(
     )
     # Shards hold every weight at least once in 2-byte floats: a params.json claiming more is refused before
     # anything is built per layer or per element.
+    for path in paths:
+        check_not_empty(path)
     held, needed = sum(p.stat().st_size for p in paths), 2 * num_parameters(config)
     if held < needed:
         raise ConversionError(
