@@ -103,7 +103,7 @@ def test_ranking_metrics_overall_and_per_rating():
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"prompt": "a", "chosen": "b", "rejected": "c"}, r"missing field\(s\) \['rating'\]"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, 'need a "rating"'),
         ({"prompt": "a", "chosen": "b", "rejected": "c", "rating": "much better"}, "unknown rating 'much better'"),
         ({"prompt": "cat " * 80, "chosen": "b", "rejected": "c", "rating": "better"}, "prompt alone fills"),
     ],
@@ -181,3 +181,38 @@ def test_reward_script_reports_a_data_error_in_one_line(tmp_path, capsys):
     )  # fmt: skip
     assert "pairs.jsonl: 1 of 4 samples are longer than the model's context of 256 tokens" in line
     assert "pass --max-length 256" in line
+
+
+def test_a_margin_column_is_used_as_given_and_a_rating_is_optional(tmp_path, tokenizer):
+    records = preference_records(3)
+    del records[0]["rating"]
+    records[0]["margin"] = 0.25  # TRL's form: margin, no rating
+    records[1]["margin"] = 5  # both: the margin as given, the rating for per-rating accuracy
+    path = str(write_jsonl(tmp_path / "pairs.jsonl", records))
+    pairs = load_pairs(path, tokenizer, RewardArguments(train_file=path, margin="large", max_length=128))
+    assert [(p["rating"], p["margin"]) for p in pairs] == [(-1, 0.25), (1, 5.0), (2, 1.0)]
+
+
+def test_conversational_chosen_and_rejected_continue_the_prompt(tmp_path, tokenizer):
+    record = preference_records(1)[0]
+    as_text = load_pairs(str(write_jsonl(tmp_path / "a.jsonl", [record])), tokenizer, RewardArguments("-"))
+    conversational = {
+        "prompt": [{"role": "user", "content": record["prompt"]}],
+        "chosen": [{"role": "assistant", "content": record["chosen"]}],
+        "rejected": [{"role": "assistant", "content": record["rejected"]}],
+        "rating": record["rating"],
+    }
+    path = str(write_jsonl(tmp_path / "b.jsonl", [conversational]))
+    assert load_pairs(path, tokenizer, RewardArguments(train_file=path)) == as_text
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"margin": "big"}, "\"margin\" must be a finite number, got 'big'"), ({}, 'need a "rating" .* or a numeric')],
+)
+def test_a_bad_or_missing_margin_is_refused_with_its_line(tmp_path, tokenizer, fields, message):
+    record = {**preference_records(1)[0], **fields}
+    del record["rating"]
+    path = str(write_jsonl(tmp_path / "pairs.jsonl", [record]))
+    with pytest.raises(InputError, match=f"pairs.jsonl:1: {message}"):
+        load_pairs(path, tokenizer, RewardArguments(train_file=path))

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.alignment.sft import SFTArguments, load_sft_samples, pack, sft_collator
+from modeling_llama2.alignment.sft import SFTArguments, encode_record, load_sft_samples, pack, sft_collator
 from modeling_llama2.alignment.training import ModelArguments, parse_args, whole_run_loss
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from tests.alignment_helpers import (
@@ -89,7 +89,7 @@ def test_pack_fills_rows_with_whole_samples():
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"prompt": "the cat"}, 'need "messages" or both "prompt" and "response"'),
+        ({"prompt": "the cat"}, 'need "messages"; "prompt" and "completion"; "prompt" and "response"; or "text"'),
         ({"messages": [{"role": "user", "content": "the cat"}]}, "must end with an assistant message"),
         ({"prompt": "the cat " * 40, "response": "red"}, "the prompt alone fills --max-length 32"),
     ],
@@ -182,7 +182,7 @@ def test_sft_script_runs_distributed_on_two_cpu_processes(tmp_path):
 @pytest.mark.parametrize(
     "records, extra, message",
     [
-        ([{"prompt": "the cat", "response": "red"}, {"prompt": "the dog"}], (), "sft.jsonl:2: need .messages. or both"),
+        ([{"prompt": "the cat", "response": "red"}, {"prompt": "the dog"}], (), "sft.jsonl:2: need .messages.; .prompt. and .completion."),
         (
             [{"prompt": "the cat", "response": "red"}, {"prompt": "the cat", "response": "red " * 300}],
             ("--max-length", 512),
@@ -211,3 +211,54 @@ def test_whole_run_loss_weighs_each_logged_loss_by_its_steps():
         (2.0 * 2 + 1.0 * 2 + 0.5 * 3) / 7
     )
     assert whole_run_loss(history[:1], resumed_at=0, session_loss=0.5, session_steps=3) == 0.5  # not resumed
+
+
+def test_every_accepted_format_gives_its_tokens_and_loss(tokenizer):
+    encode, bos, eos = tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    question, answer = qa_pairs(1)[0]
+    chat_ids, chat_labels = encode_dialog(exchange(question, answer), encode, bos, eos)
+    # TRL's conversational forms and this package's own give the same chat sample.
+    for record in (
+        {"messages": exchange(question, answer)},
+        {"prompt": question, "response": answer},
+        {"prompt": exchange(question, answer)[:1], "completion": exchange(question, answer)[1:]},
+    ):
+        assert encode_record(record, tokenizer) == (chat_ids, chat_labels), record
+    # Plain text: no chat tags; prompt/completion learns the completion, text learns every token.
+    ids, labels = encode_record({"prompt": question, "completion": answer}, tokenizer)
+    head = [bos, *encode(question)]
+    assert ids == [*head, *encode(answer), eos] and labels == [IGNORE_INDEX] * len(head) + ids[len(head) :]
+    ids, labels = encode_record({"text": answer, "prompt": None}, tokenizer)  # null fields count as absent
+    assert ids == [bos, *encode(answer), eos] and labels[1:] == ids[1:]
+
+
+def test_a_conversational_prompt_masks_its_own_answers(tokenizer):
+    earlier = exchange("the cat?", "red")
+    record = {"prompt": [*earlier, {"role": "user", "content": "the dog?"}], "completion": exchange("", "blue")[1:]}
+    encode = tokenizer_encoder(tokenizer)
+    ids, labels = encode_record(record, tokenizer)
+    full_ids, full_labels = encode_dialog([*record["prompt"], *record["completion"]], encode, 1, 2)
+    n_prompt = len(encode_dialog(record["prompt"], encode, 1, 2)[0])
+    assert ids == full_ids and any(label != IGNORE_INDEX for label in full_labels[:n_prompt])  # "red" would be learnt
+    assert labels == [IGNORE_INDEX] * n_prompt + full_labels[n_prompt:] and labels.count(2) == 1
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "the cat", "completion": [{"role": "assistant", "content": "red"}]}, "both be text or both"),
+        ({"text": "the cat </s> sat"}, "control tokens"),
+        ({"text": ["the cat"]}, "expected text, got list"),
+        ({"completion": "red"}, "need \"messages\"; \"prompt\" and \"completion\""),
+    ],
+)
+def test_malformed_records_of_each_format_are_refused(tokenizer, record, message):
+    with pytest.raises(ValueError, match=message):
+        encode_record(record, tokenizer)
+
+
+def test_a_json_array_line_is_refused_with_its_line(tmp_path, tokenizer):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"text": "the cat"}\n[{"text": "the dog"}]\n')
+    with pytest.raises(ValueError, match=r"sft.jsonl:2: a JSON list where a record belongs"):
+        load_sft_samples(str(path), tokenizer, max_length=32)

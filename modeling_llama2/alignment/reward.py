@@ -1,6 +1,7 @@
 """Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin and per-rating accuracy."""
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -37,7 +38,9 @@ OBJECTIVES = get_args(Objective)  # the paper's two reward models
 
 @dataclass
 class RewardArguments:
-    train_file: str = field(metadata={"help": 'JSONL of {"prompt", "chosen", "rejected", "rating"}.'})
+    train_file: str = field(
+        metadata={"help": 'JSONL of {"prompt", "chosen", "rejected"} with "rating" or a numeric "margin".'}
+    )
     eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
     objective: Objective = field(
         default="helpfulness",
@@ -46,7 +49,11 @@ class RewardArguments:
         },
     )
     margin: Literal["small", "large", "none"] = field(
-        default="small", metadata={"help": "Margin table (paper Table 27), or `none` for the plain ranking loss."}
+        default="small",
+        metadata={
+            "help": "Margin per rating (paper Table 27), or `none` for the plain ranking loss; a record's numeric "
+            "`margin` field is used as given instead."
+        },
     )
     max_length: int = field(default=4096, metadata={"help": "Tokens per prompt + response."})
 
@@ -56,6 +63,22 @@ def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Ten
     return -F.logsigmoid(chosen - rejected - margin).mean()
 
 
+def pair_margin(record: dict, table: str) -> tuple[int, float]:
+    """`(rating index, margin)` of a comparison: the margin column as given (TRL's convention), else the paper's
+    table entry for the rating. The rating index is -1 where there is no rating (no per-rating accuracy then)."""
+    rating, margin = record.get("rating"), record.get("margin")
+    if rating is None and margin is None:
+        raise ValueError('need a "rating" (one of the paper\'s four levels) or a numeric "margin"')
+    if rating is not None and rating not in RATINGS:
+        raise ValueError(f"unknown rating {rating!r}; use one of {list(RATINGS)}")
+    index = -1 if rating is None else RATINGS.index(rating)
+    if margin is None:
+        return index, MARGINS[table][index]
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
+        raise ValueError(f'"margin" must be a finite number, got {margin!r}')
+    return index, float(margin)
+
+
 def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArguments) -> list[dict]:
     """Tokenized comparisons `{"chosen", "rejected", "rating", "margin"}` of the records for `args.objective`.
 
@@ -63,7 +86,7 @@ def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArgume
     models); those whose chosen and rejected responses are the same text are skipped with a warning, as their loss
     has no gradient."""
     pairs, ties = [], 0
-    for line_no, record in read_jsonl(path, required=("prompt", "chosen", "rejected", "rating")):
+    for line_no, record in read_jsonl(path, required=("prompt", "chosen", "rejected")):
         where = f"{path}:{line_no}"
         objective = record.get("objective", args.objective)
         if objective not in OBJECTIVES:
@@ -73,13 +96,14 @@ def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArgume
             )
         if objective != args.objective:
             continue
-        if record["rating"] not in RATINGS:
-            raise InputError(f"{where}: unknown rating {record['rating']!r}; use one of {list(RATINGS)}.")
+        try:
+            rating, margin = pair_margin(record, args.margin)
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from e
         if record["chosen"] == record["rejected"]:
             ties += 1
             continue
-        rating = RATINGS.index(record["rating"])
-        pair = {"rating": rating, "margin": MARGINS[args.margin][rating]}
+        pair = {"rating": rating, "margin": margin}
         for key in ("chosen", "rejected"):
             try:
                 ids, labels = encode_response(tokenizer, prompt_messages(record["prompt"]), record[key])

@@ -46,8 +46,10 @@ def prompt_messages(prompt: str | list[dict]) -> list[dict]:
 
 
 def encode_response(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], response: str
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], response: str | list[dict]
 ) -> tuple[list[int], list[int]]:
-    """Token ids (and labels) the reward model reads: the dialog closed by `response` as the assistant's turn."""
-    conversation = [*messages, {"role": "assistant", "content": response}]
+    """Token ids (and labels) the reward model reads: the dialog closed by `response`, the assistant's answer as text
+    or the messages that continue the dialog (TRL's conversational preference rows)."""
+    continuation = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+    conversation = [*messages, *continuation]
     return encode_dialog(conversation, tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)

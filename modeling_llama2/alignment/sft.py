@@ -12,7 +12,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from ..chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
+from ..chat_format import CONTROL_TOKENS, IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from ..modeling_llama2 import Llama2ForCausalLM
 from .training import (
     InputError,
@@ -36,26 +36,67 @@ class SFTArguments:
     packing: bool = field(default=True, metadata={"help": "Pack samples into rows of --max-length tokens."})
 
 
-def record_to_messages(record: dict) -> list[dict]:
-    """A data record as chat messages: `{"messages": [...]}` as is, `{"prompt", "response"}` as one exchange."""
-    if "messages" in record:
-        return record["messages"]
-    if "prompt" in record and "response" in record:
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
-    raise ValueError(f'need "messages" or both "prompt" and "response", got fields {sorted(record)}')
+FORMATS = '"messages"; "prompt" and "completion"; "prompt" and "response"; or "text"'
+
+
+def chat(messages: list[dict], encode, bos: int, eos: int) -> tuple[list[int], list[int]]:
+    """A dialog in the chat format, loss on every assistant answer; it must end with one."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("the dialog must end with an assistant message, the answer to learn")
+    return encode_dialog(messages, encode, bos, eos)
+
+
+def plain(prompt: str, completion: str, encode, bos: int, eos: int) -> tuple[list[int], list[int]]:
+    """BOS + prompt + completion + EOS as plain text (no chat format), loss on the completion and the EOS. The
+    completion is tokenized on its own, as a chat answer is, so the loss starts exactly where it does."""
+    for text in (prompt, completion):
+        if not isinstance(text, str):
+            raise ValueError(f"expected text, got {type(text).__name__} {text!r:.60}")
+        if any(token in text for token in CONTROL_TOKENS):
+            raise ValueError(f"text may not spell the control tokens {list(CONTROL_TOKENS)}: a tokenizer parses them")
+    head, tail = [bos] + (encode(prompt) if prompt else []), encode(completion) + [eos]
+    return head + tail, [IGNORE_INDEX] * len(head) + tail
+
+
+def encode_record(record: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one SFT record in any of TRL's formats or this package's own:
+
+    - `messages`: a dialog in the chat format, loss on the assistant answers;
+    - `prompt` and `completion`, both text: plain text, loss on the completion; both message lists: the dialog
+      `prompt + completion` in the chat format, loss on the completion's answers only;
+    - `prompt` and `response` (text): one exchange in the chat format, loss on the response;
+    - `text`: plain language-model data, BOS + text + EOS, loss on every token.
+
+    Fields that are null count as absent (a table with several formats has every column in every row).
+    """
+    encode, bos, eos = tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    present = {key for key, value in record.items() if value is not None}
+    if "messages" in present:
+        return chat(record["messages"], encode, bos, eos)
+    if {"prompt", "completion"} <= present:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return plain(prompt, completion, encode, bos, eos)
+        if isinstance(prompt, list) and isinstance(completion, list):
+            ids, labels = chat(prompt + completion, encode, bos, eos)
+            n_prompt = len(encode_dialog(prompt, encode, bos, eos)[0])  # a prefix of the whole dialog's ids
+            return ids, [IGNORE_INDEX] * n_prompt + labels[n_prompt:]
+        raise ValueError('"prompt" and "completion" must both be text or both be message lists')
+    if {"prompt", "response"} <= present:
+        exchange = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        return chat(exchange, encode, bos, eos)
+    if "text" in present:
+        return plain("", record["text"], encode, bos, eos)
+    raise ValueError(f"need {FORMATS}; got fields {sorted(present)}")
 
 
 def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
     """Tokenized samples `{"input_ids", "labels"}` of a JSONL file, prompts masked with -100."""
-    encode = tokenizer_encoder(tokenizer)
     samples = []
     for line_no, record in read_jsonl(path):
         where = f"{path}:{line_no}"
         try:
-            messages = record_to_messages(record)
-            ids, labels = encode_dialog(messages, encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
-            if messages[-1]["role"] != "assistant":
-                raise ValueError("the dialog must end with an assistant message, the answer to learn")
+            ids, labels = encode_record(record, tokenizer)
         except ValueError as e:
             raise InputError(f"{where}: {e}") from e
         ids, labels = truncate(ids, labels, max_length, where)

@@ -96,6 +96,11 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int,
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{line_no}: not valid JSON ({e}); write one JSON object per line.") from e
+            if not isinstance(record, dict):
+                raise InputError(
+                    f"{path}:{line_no}: a JSON {type(record).__name__} where a record belongs; write one JSON object "
+                    "per line."
+                )
             missing = [key for key in required if key not in record]
             if missing:
                 raise InputError(
