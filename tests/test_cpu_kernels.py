@@ -58,8 +58,10 @@ def test_gradients_reach_the_input_of_a_frozen_cpu_linear(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model():
+    """One layer: every kernel path runs in it, and inductor compiles a layer's graph in seconds (the decode loop's
+    use of several layers' caches is tested in test_decoding.py)."""
     torch.manual_seed(0)
-    return Llama2ForCausalLM(tiny_config(vocab_size=256)).eval()
+    return Llama2ForCausalLM(tiny_config(vocab_size=256, num_hidden_layers=1)).eval()
 
 
 def test_only_fp32_cpu_linears_change_and_the_model_still_saves(model, tmp_path):
