@@ -1,6 +1,6 @@
 """The Llama 2 recipe in miniature, end to end, on a built-in task (sorting digits): minutes on 2 cores, no downloads.
 
-    python examples/recipe.py [--output-dir runs/recipe] [--quick] [--seed 0] [--finetune-best-of 16]
+    python examples/recipe.py [--output-dir runs/recipe] [--quick] [--seeds 0 [1 2 ...]] [--finetune-best-of 16]
 
 1. trains a sentencepiece tokenizer and pretrains a tiny Llama 2 (grouped-query attention) on raw text
    (`51706749=01456779`), briefly, so that it sorts well but not perfectly and the later stages have room to improve;
@@ -28,6 +28,7 @@ import argparse
 import io
 import json
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -372,14 +373,28 @@ def greedy_answers(model_dir: Path, prompts: list, max_new_tokens: int = 16) -> 
     return [output[0]["generated_text"].strip() for output in outputs]
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
     # The tiny model's kernels are too small for intra-op threads to pay off: one thread is about as fast on an idle
     # machine and several times faster when other processes share the cores (measured: 0.10 vs 0.45 s per step).
     torch.set_num_threads(1)
-    out, rng = args.output_dir, random.Random(args.seed)
-    set_seed(args.seed)
+    if len(args.seeds) == 1:
+        run(args.output_dir, sizes, seed=args.seeds[0], finetune_best_of=args.finetune_best_of)
+        return
+    runs = {}
+    for seed in args.seeds:
+        heading(f"seed {seed}")
+        runs[seed] = run(args.output_dir / f"seed-{seed}", sizes, seed=seed, finetune_best_of=args.finetune_best_of)
+    summary = across_seeds(runs)
+    (args.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report_seeds(summary, args.output_dir)
+
+
+def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
+    """The recipe once, for one seed, into `out`; returns (and writes) its `metrics.json`."""
+    rng = random.Random(seed)
+    set_seed(seed)
     start = time.perf_counter()
     seconds, stages = {}, {}
     problems = write_data(out / "data", sizes, rng)
@@ -396,22 +411,22 @@ def main() -> None:
 
     heading("3. supervised fine-tuning (chat format, loss on answers only)")
     timed(seconds, "sft", sft, out / "base", out / "data/sft.jsonl", out / "sft",
-          epochs=sizes.sft_epochs, lr=sizes.sft_lr, seed=args.seed)  # fmt: skip
+          epochs=sizes.sft_epochs, lr=sizes.sft_lr, seed=seed)  # fmt: skip
     stages["sft"] = report_stage("SFT", evaluate(out / "sft", held_out))
 
     heading("4. helpfulness reward model (margin ranking loss)")
-    reward_metrics = timed(seconds, "reward_model", reward_model, out, problems, sizes, rng, args.seed)
+    reward_metrics = timed(seconds, "reward_model", reward_model, out, problems, sizes, rng, seed)
     report_reward_model(reward_metrics)
 
-    heading(f"5. rejection sampling: {max(NS)} samples per prompt, fine-tuning on the best of {args.finetune_best_of}")
+    heading(f"5. rejection sampling: {max(NS)} samples per prompt, fine-tuning on the best of {finetune_best_of}")
     reward = Llama2ForSequenceClassification.from_pretrained(out / "reward_model").eval()
     curve, plotted = timed(seconds, "rejection_sampling", best_of_n, out, problems["rejection_sampling"], reward)
     report_curve(curve, plotted)
     for name, k, model_dir in [
-        ("rejection sampling", args.finetune_best_of, out / "rejection_sampling"),
+        ("rejection sampling", finetune_best_of, out / "rejection_sampling"),
         ("control: random", 1, out / "random_sample_control"),
     ]:
-        timed(seconds, "rejection_sampling", finetune_on_favourites, out, k, model_dir, sizes, args.seed)
+        timed(seconds, "rejection_sampling", finetune_on_favourites, out, k, model_dir, sizes, seed)
         stages[name] = report_stage(name, evaluate(model_dir, held_out))
 
     tokenizer = load_tokenizer(str(out / "sft"))
@@ -424,27 +439,65 @@ def main() -> None:
     seconds["total"] = time.perf_counter() - start
     metrics = {
         "stages": stages,
-        "reward_model": reward_metrics,
-        "best_of_n": curve,
+        "reward_model": {"helpfulness": reward_metrics},  # per objective
+        "best_of_n": [curve],  # per round of rejection sampling
         "model": model,
         "conversion": conversion,
         "sizes": asdict(sizes),
         "seconds": seconds,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    report_table(stages, len(held_out), args.finetune_best_of)
+    report_table(stages, len(held_out), finetune_best_of)
     report_artefacts(out, seconds["total"])
+    return metrics
 
 
-def parse_args() -> argparse.Namespace:
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96).
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval over seeds (each seed's run an independent draw of the whole recipe)."""
+    mean, df = statistics.fmean(values), len(values) - 1
+    half = (T_975[df - 1] if df <= len(T_975) else 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "values": values}
+
+
+def across_seeds(runs: dict[int, dict]) -> dict:
+    """Per stage and figure, the mean and 95% interval over seeds; and the same for rejection sampling's gain over
+    SFT and over the random-sample control, seed by seed (paired: the stages of one seed share its data)."""
+    first = next(iter(runs.values()))
+    stages = {
+        stage: {key: mean_interval([r["stages"][stage][key] for r in runs.values()]) for key in figures}
+        for stage, figures in first["stages"].items()
+    }
+    gains = {
+        f"rejection sampling - {base}": mean_interval(
+            [r["stages"]["rejection sampling"]["accuracy"] - r["stages"][base]["accuracy"] for r in runs.values()]
+        )
+        for base in ("sft", "control: random")
+    }
+    return {"seeds": list(runs), "stages": stages, "accuracy_gain": gains}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/recipe"))
     parser.add_argument("--quick", action="store_true", help="Small sizes: the same path in about a minute (CI).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", "--seed", type=int, nargs="+", default=[0],
+        help="One run per seed (in seed-N/ folders when several), then the mean and 95%% interval of each stage.",
+    )  # fmt: skip
     parser.add_argument(
         "--finetune-best-of", type=int, default=max(NS), choices=NS, help="Fine-tune on the favourite of this many."
     )
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    return args
 
 
 def timed(seconds: dict[str, float], name: str, stage, *args, **kwargs):
@@ -508,6 +561,16 @@ def report_table(stages: dict[str, dict], n: int, best_of: int) -> None:
     print(f"{'stage':20s} {'accuracy (chat)':>16s} {'accuracy (raw text)':>20s} {'mean reward':>12s}")
     for name, r in stages.items():
         print(f"{name:20s} {r['accuracy']:16.1%} {r['accuracy_raw_text']:20.1%} {r['mean_reward']:12.3f}")
+
+
+def report_seeds(summary: dict, out: Path) -> None:
+    seeds = " ".join(map(str, summary["seeds"]))
+    print(f"\nseeds {seeds}: held-out accuracy (chat), mean [95% interval over seeds] (each seed's value)")
+    rows = {name: figures["accuracy"] for name, figures in summary["stages"].items()} | summary["accuracy_gain"]
+    for name, a in rows.items():
+        values = " ".join(f"{v:.1%}" for v in a["values"])
+        print(f"{name:36s} {a['mean']:7.1%} [{a['low']:6.1%}, {a['high']:6.1%}]   ({values})")
+    print(f"\nper-seed runs in {out}/seed-*/, the summary in {out / 'metrics.json'}")
 
 
 def report_artefacts(out: Path, wall: float) -> None:

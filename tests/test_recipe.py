@@ -3,6 +3,7 @@
 Quality is not asserted: the quick sizes are too small for the numbers to mean anything.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -40,11 +41,12 @@ def test_metrics_cover_every_stage_with_finite_numbers(run):
         for key in ("accuracy", "accuracy_raw_text"):  # a fraction of the held-out problems answered right
             assert round(stage[key] * problems, 6).is_integer() and 0 <= stage[key] <= 1
         assert 0.0 < stage["mean_reward"] < 1.0  # a mean of sigmoids
-    assert [point["n"] for point in metrics["best_of_n"]] == [1, 2, 4, 8, 16]
-    for point in metrics["best_of_n"]:
+    (curve,) = metrics["best_of_n"]  # one round
+    assert [point["n"] for point in curve] == [1, 2, 4, 8, 16]
+    for point in curve:
         assert all(math.isfinite(point[key]) for key in ("max", "median", "accuracy_of_best", "any_right"))
         assert point["max"] >= point["median"]
-    assert math.isfinite(metrics["reward_model"]["eval_accuracy"])
+    assert math.isfinite(metrics["reward_model"]["helpfulness"]["eval_accuracy"])
     # The pretrained folder is this package's format, the converted one a stock Llama.
     auto_classes = metrics["conversion"]["auto_model_for_causal_lm"]
     assert auto_classes == {"pretrained": "Llama2ForCausalLM", "base": "LlamaForCausalLM"}
@@ -92,3 +94,31 @@ def test_data_plot_and_rejection_sampling_data(run):
         assert [row["messages"][-1]["content"] for row in rows] == best
         assert [row["messages"][:-1] for row in rows] == [r["messages"][:-1] for r in records]
     assert [r["messages"][-1]["content"] for r in records] == best  # rejection_sample keeps the favourite of all
+
+
+@pytest.fixture
+def recipe(monkeypatch):
+    monkeypatch.syspath_prepend(str(RECIPE.parent))  # the recipe imports its task module from beside it
+    spec = importlib.util.spec_from_file_location("recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seeds_summary_is_mean_and_t_interval_of_paired_gains(recipe):
+    interval = recipe.mean_interval([0.4, 0.5, 0.6])
+    assert interval["mean"] == pytest.approx(0.5)
+    assert interval["high"] - interval["mean"] == pytest.approx(4.303 * 0.1 / 3**0.5)  # t(0.975, 2 df) s / sqrt(n)
+    runs = {
+        seed: {"stages": {name: {"accuracy": acc, "mean_reward": 0.5} for name, acc in zip(STAGES, accs, strict=True)}}
+        for seed, accs in {0: (0.1, 0.40, 0.50, 0.42), 1: (0.2, 0.30, 0.36, 0.31)}.items()
+    }
+    summary = recipe.across_seeds(runs)
+    assert summary["seeds"] == [0, 1] and list(summary["stages"]) == list(STAGES)
+    assert summary["stages"]["sft"]["accuracy"]["values"] == [0.40, 0.30]
+    gains = summary["accuracy_gain"]
+    assert gains["rejection sampling - sft"]["values"] == pytest.approx([0.10, 0.06])  # seed by seed, paired
+    assert gains["rejection sampling - control: random"]["values"] == pytest.approx([0.08, 0.05])
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--seeds", "1", "1"])
+    assert recipe.parse_args(["--seed", "3"]).seeds == [3]
