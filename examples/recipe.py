@@ -60,7 +60,6 @@ from modeling_llama2 import Llama2Config, Llama2ForCausalLM, Llama2ForSequenceCl
 from modeling_llama2.alignment.rejection_sampling import (
     SamplingArguments,
     load_prompts,
-    plot_reward_curve,
     rejection_sample,
     reward_curve,
     sample_responses,
@@ -268,7 +267,39 @@ def best_of_n(
     records = rejection_sample(policy, tokenizer, {"helpfulness": reward}, load_prompts(sampling.prompts), sampling)
     write_jsonl(str(out / "rejection_sampling_data.jsonl"), records)
     curve = best_of_n_table(records, problems)
-    return curve, plot_reward_curve(curve, str(out / "max_vs_median_reward.png"))
+    return curve, plot_best_of_n(curve, out / "max_vs_median_reward.png")
+
+
+def plot_best_of_n(curve: list[dict], path: Path) -> bool:
+    """The paper's Figure 7 (max and median reward of N samples) beside what the report can check here and the paper
+    could not: how often the reward model's favourite of N, and any of the N, is right. False where matplotlib
+    (optional) is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [point["n"] for point in curve]
+    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(9, 3.5))
+    rewards.plot(n, [p["max"] for p in curve], "o-", label="max of N")
+    rewards.plot(n, [p["median"] for p in curve], "s--", label="median of N")
+    rewards.set_ylabel("reward (mean over prompts)")
+    accuracy.plot(n, [p["accuracy_of_best"] for p in curve], "o-", label="reward model's favourite")
+    accuracy.plot(n, [p["any_right"] for p in curve], "s--", label="any of the N")
+    accuracy.set_ylabel("right answers (fraction of prompts)")
+    accuracy.set_ylim(0, 1)
+    for ax in (rewards, accuracy):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(n, [str(v) for v in n])
+        ax.set_xlabel("N samples per prompt")
+        ax.legend()
+    fig.suptitle("Rejection sampling from the SFT model: best of N by the helpfulness reward model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
