@@ -5,7 +5,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -77,10 +76,23 @@ def qa_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_script(name: str, *args, launcher: tuple[str, ...] = (), timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `examples/<name>` in a fresh process on one CPU thread; fail with its output if it fails."""
+def run_script(name: str, *args) -> None:
+    """Run `examples/<name>`'s `main(argv)` in this process: the command line's whole path without paying a fresh
+    interpreter's imports, and under the tests' fixtures (`cheap_compile` included). On one thread, as
+    `launch_script` runs them: the tiny models' kernels gain nothing from more, and lose much when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_script(name).main([str(arg) for arg in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def launch_script(launcher: tuple[str, ...], name: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run `examples/<name>` under `launcher` (torchrun, say) in fresh processes on one CPU thread each; fail with
+    their output if they fail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    command = [*(launcher or (sys.executable,)), str(REPO / "examples" / name), *map(str, args)]
+    command = [*launcher, str(REPO / "examples" / name), *map(str, args)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
@@ -101,11 +113,12 @@ def load_script(name: str):
 
 def script_error(name: str, *args, capsys) -> str:
     """Run `examples/<name>`'s `main` in-process on arguments that must be refused: it exits with code 2 after one
-    `error: ...` line and no traceback. Returns that line."""
+    `error: ...` line (the last, after any progress bar of the data's loading) and no traceback. Returns that line."""
     capsys.readouterr()  # what the test printed before
     with pytest.raises(SystemExit) as exit_info:
         load_script(name).main([str(arg) for arg in args])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]

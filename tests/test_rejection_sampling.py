@@ -191,7 +191,7 @@ def reward_dirs(tmp_path, tokenizer):
     [
         ("--num-samples 0", re.escape("error: --num-samples must be at least 1 (N responses per prompt), got 0.")),
         ("--temperature -1", re.escape("error: --temperature must be >= 0 (0: greedy), got -1.0.")),
-        ("empty prompts", "error: .*empty.jsonl holds no prompts."),
+        ("empty prompts", "error: .*empty.jsonl holds no records."),
         ("missing rm", "error: --helpfulness-rm .*/no_such_rm: no such folder."),
         (
             "causal LM as rm",

@@ -110,7 +110,7 @@ def test_ranking_metrics_overall_and_per_rating():
 )
 def test_bad_comparisons_are_refused_with_their_line(tmp_path, tokenizer, record, message):
     path = write_jsonl(tmp_path / "pairs.jsonl", [*preference_records(1), record])
-    with pytest.raises(ValueError, match=f"pairs.jsonl:2: .*{message}"):
+    with pytest.raises(InputError, match=f"pairs.jsonl:2: .*{message}"):
         load_pairs(str(path), tokenizer, RewardArguments(train_file=str(path), max_length=64))
 
 
@@ -179,7 +179,7 @@ def test_reward_script_reports_a_data_error_in_one_line(tmp_path, capsys):
         write_jsonl(tmp_path / "pairs.jsonl", records), "--output-dir", tmp_path / "out", "--max-length", 1024,
         "--use-cpu", capsys=capsys,
     )  # fmt: skip
-    assert "pairs.jsonl: 1 of 4 samples are longer than the model's context of 256 tokens" in line
+    assert "pairs.jsonl:2: " in line and "tokens, longer than the model's context of 256 tokens" in line
     assert "pass --max-length 256" in line
 
 
@@ -203,7 +203,7 @@ def test_conversational_chosen_and_rejected_continue_the_prompt(tmp_path, tokeni
         "rating": record["rating"],
     }
     path = str(write_jsonl(tmp_path / "b.jsonl", [conversational]))
-    assert load_pairs(path, tokenizer, RewardArguments(train_file=path)) == as_text
+    assert list(load_pairs(path, tokenizer, RewardArguments(train_file=path))) == list(as_text)
 
 
 @pytest.mark.parametrize(

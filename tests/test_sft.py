@@ -8,10 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.alignment.sft import SFTArguments, encode_record, load_sft_samples, pack, sft_collator
-from modeling_llama2.alignment.training import ModelArguments, parse_args, whole_run_loss
+from modeling_llama2.alignment.training import InputError, ModelArguments, parse_args, whole_run_loss
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from tests.alignment_helpers import (
     alignment_config,
+    launch_script,
     logged_losses,
     qa_pairs,
     run_script,
@@ -58,7 +59,7 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implem
     records = [{"prompt": q, "response": a} for q, a in qa_pairs(7)]
     records[2] = {"messages": [{"role": "system", "content": "be brief"}, *exchange(*qa_pairs(1, seed=3)[0])]}
     samples = load_sft_samples(write_jsonl(tmp_path / "sft.jsonl", records), tokenizer, max_length=128)
-    rows = pack(samples, max_length=128)
+    rows = [[samples[i] for i in row] for row in pack([len(ids) for ids in samples["input_ids"]], max_length=128)]
     assert len(rows) < len(samples)  # several samples share each row
     batch = sft_collator(tokenizer, packing=True)(rows)
     model = tiny_lm(tokenizer, attn_implementation)
@@ -74,16 +75,16 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implem
                 out = model(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]]))
                 n = sum(label != IGNORE_INDEX for label in s["labels"][1:])
                 summed, n_targets = summed + out.loss * n, n_targets + n
-        padded = model(**sft_collator(tokenizer, packing=False)(samples))
+        padded = model(**sft_collator(tokenizer, packing=False)(list(samples)))
     torch.testing.assert_close(packed.loss, summed / n_targets, rtol=0, atol=1e-5)
     torch.testing.assert_close(padded.loss, summed / n_targets, rtol=0, atol=1e-5)
 
 
 def test_pack_fills_rows_with_whole_samples():
-    samples = [{"input_ids": [i] * n} for i, n in enumerate([2, 6, 3, 5, 4])]
-    rows = pack(samples, max_length=10)
-    assert [sum(len(s["input_ids"]) for s in row) for row in rows] == [10, 10]
-    assert sorted(s["input_ids"][0] for row in rows for s in row) == [0, 1, 2, 3, 4]
+    lengths = [2, 6, 3, 5, 4]
+    rows = pack(lengths, max_length=10)
+    assert [sum(lengths[i] for i in row) for row in rows] == [10, 10]
+    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -96,7 +97,7 @@ def test_pack_fills_rows_with_whole_samples():
 )
 def test_bad_records_are_refused_with_their_line(tmp_path, tokenizer, record, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, record])
-    with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
+    with pytest.raises(InputError, match=f"bad.jsonl:2: .*{message}"):
         load_sft_samples(str(path), tokenizer, max_length=32)
 
 
@@ -168,10 +169,10 @@ def test_sft_script_lora_checkpoint_resume(tmp_path):
 def test_sft_script_runs_distributed_on_two_cpu_processes(tmp_path):
     model_dir, out = save_causal_lm(tmp_path / "model"), tmp_path / "out"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    run_script(
-        "sft.py", "--model", model_dir, "--train-file", sft_data(tmp_path, n=16), "--output-dir", out,
+    launch_script(
+        launcher, "sft.py", "--model", model_dir, "--train-file", sft_data(tmp_path, n=16), "--output-dir", out,
         "--max-steps", 4, "--max-length", 128, "--logging-steps", 1, "--save-strategy", "no", "--use-cpu",
-        "--ddp-backend", "gloo", launcher=launcher,
+        "--ddp-backend", "gloo",
     )  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
@@ -182,11 +183,11 @@ def test_sft_script_runs_distributed_on_two_cpu_processes(tmp_path):
 @pytest.mark.parametrize(
     "records, extra, message",
     [
-        ([{"prompt": "the cat", "response": "red"}, {"prompt": "the dog"}], (), "sft.jsonl:2: need .messages.; .prompt. and .completion."),
+        ([{"prompt": "the cat", "response": "red"}, {"prompt": "the dog"}], (), "sft.jsonl:2: need .messages."),
         (
             [{"prompt": "the cat", "response": "red"}, {"prompt": "the cat", "response": "red " * 300}],
             ("--max-length", 512),
-            "1 of 2 samples are longer than the model's context of 256 tokens .*pass --max-length 256",
+            "sft.jsonl:2: .* tokens, longer than the model's context of 256 tokens; pass --max-length 256",
         ),
     ],
 )
@@ -260,5 +261,5 @@ def test_malformed_records_of_each_format_are_refused(tokenizer, record, message
 def test_a_json_array_line_is_refused_with_its_line(tmp_path, tokenizer):
     path = tmp_path / "sft.jsonl"
     path.write_text('{"text": "the cat"}\n[{"text": "the dog"}]\n')
-    with pytest.raises(ValueError, match=r"sft.jsonl:2: a JSON list where a record belongs"):
+    with pytest.raises(InputError, match=r"sft.jsonl:2: a JSON list where a record belongs"):
         load_sft_samples(str(path), tokenizer, max_length=32)

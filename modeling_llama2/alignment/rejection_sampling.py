@@ -1,19 +1,27 @@
 """Rejection sampling as in Llama 2-Chat's RLHF V1-V4: N responses per prompt from the policy, scored by the reward
-model(s), the best kept as new SFT data."""
+model(s), the best kept as new SFT data.
 
+    llama2-rejection-sampling --model out/sft --helpfulness-rm out/rm_helpfulness --prompts prompts.jsonl \
+        --output-dir out/rs_v1 [--finetune]
+"""
+
+import gc
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from ..chat_format import FORBIDDEN, encode_dialog, tokenizer_encoder
 from ..inference import decoding
-from ..modeling_llama2 import context_length
+from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForSequenceClassification, context_length
+from .data import load_records
 from .scoring import combined_reward, encode_response, prompt_messages, score
-from .training import InputError, read_jsonl
+from .sft import SFTArguments, run_sft
+from .training import InputError, ModelArguments, cli, load_tokenizer, parse_args, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +29,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SamplingArguments:
     prompts: str = field(
-        metadata={"help": 'JSONL of {"prompt"} or {"messages"} ending with a user turn, optionally {"unsafe": true}.'}
+        metadata={
+            "help": 'Data file (JSON Lines, Parquet, ...) or data set of {"prompt"} or {"messages"} ending with a user '
+            'turn, optionally {"unsafe": true}.'
+        }
     )
     helpfulness_rm: str | None = field(default=None, metadata={"help": "Helpfulness reward model directory."})
     safety_rm: str | None = field(default=None, metadata={"help": "Safety reward model directory."})
@@ -31,7 +42,10 @@ class SamplingArguments:
     max_new_tokens: int = field(default=512, metadata={"help": "Longest response sampled."})
     compile: bool = field(
         default=True,
-        metadata={"help": "Decode through the compiled step; eager can be faster for tiny models on a CPU."},
+        metadata={
+            "help": "Decode through one compiled static-cache step (the default); --no-compile decodes eagerly, "
+            "which can be faster for tiny models on a CPU."
+        },
     )
     finetune: bool = field(default=False, metadata={"help": "Fine-tune the policy on the best responses right away."})
     max_length: int = field(default=4096, metadata={"help": "Tokens per sample for --finetune."})
@@ -111,15 +125,18 @@ def sample_responses(
 
 
 def load_prompts(path: str) -> list[dict]:
-    """Prompt records as `{"messages", "unsafe"}`, each dialog ending with the user turn to answer."""
+    """Prompt records as `{"messages", "unsafe"}`, each dialog ending with the user turn to answer, from any data file
+    or data set `load_records` reads."""
     prompts = []
-    for line_no, record in read_jsonl(path):
-        if "prompt" not in record and "messages" not in record:
-            raise InputError(f'{path}:{line_no}: need "prompt" (text) or "messages" (a dialog), got {sorted(record)}.')
-        messages = prompt_messages(record.get("messages", record.get("prompt")))
+    records, where = load_records(path)
+    for i, record in enumerate(records):
+        present = {key for key, value in record.items() if value is not None}
+        if not {"prompt", "messages"} & present:
+            raise InputError(f'{where.where(i)}: need "prompt" (text) or "messages" (a dialog), got {sorted(present)}.')
+        messages = prompt_messages(record.get("messages") or record["prompt"])
         if not messages or messages[-1].get("role") != "user":
-            raise InputError(f"{path}:{line_no}: the dialog must end with the user message to answer.")
-        prompts.append({"messages": messages, "unsafe": bool(record.get("unsafe", False))})
+            raise InputError(f"{where.where(i)}: the dialog must end with the user message to answer.")
+        prompts.append({"messages": messages, "unsafe": bool(record.get("unsafe"))})
     if not prompts:
         raise InputError(f"{path} holds no prompts.")
     return prompts
@@ -231,3 +248,57 @@ def plot_reward_curve(curve: list[dict], path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+@cli  # a mistake in the arguments or data: one `error: ...` line, exit code 2
+def main(argv: list[str] | None = None) -> None:
+    """`llama2-rejection-sampling`: best of N under the reward model(s), written as SFT data with the reward curve,
+    optionally fine-tuned on right away."""
+    model_args, args, training_args = parse_args(
+        ModelArguments,
+        SamplingArguments,
+        argv=argv,
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        num_train_epochs=2,
+    )
+    # Everything that can be checked without weights is checked before the policy is loaded.
+    check_sampling_args(args)
+    prompts = load_prompts(args.prompts)
+    paths = {name: path for name, path in (("helpfulness", args.helpfulness_rm), ("safety", args.safety_rm)) if path}
+    for name, path in paths.items():
+        reward_model_config(path, name)
+
+    set_seed(training_args.seed)
+    device = training_args.device
+    tokenizer = load_tokenizer(model_args.model)
+    policy = Llama2ForCausalLM.from_pretrained(
+        model_args.model, dtype="auto", attn_implementation=model_args.attn_implementation
+    )
+    policy = policy.to(device).eval()
+    reward_models = {
+        name: Llama2ForSequenceClassification.from_pretrained(path, dtype="auto").to(device).eval()
+        for name, path in paths.items()
+    }
+    records = rejection_sample(policy, tokenizer, reward_models, prompts, args)
+
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    data_path = os.path.join(training_args.output_dir, "best_of_n.jsonl")
+    write_jsonl(data_path, records)
+    curve = reward_curve(torch.tensor([[sample["reward"] for sample in r["samples"]] for r in records]))
+    with open(os.path.join(training_args.output_dir, "reward_vs_n.json"), "w") as f:
+        json.dump(curve, f, indent=2)
+    if not plot_reward_curve(curve, os.path.join(training_args.output_dir, "reward_vs_n.png")):
+        print("reward_vs_n.png skipped: matplotlib is not installed (pip install matplotlib); see reward_vs_n.json.")
+    print("    N   mean max   mean median")
+    for point in curve:
+        print(f"{point['n']:5d}   {point['max']:.4f}     {point['median']:.4f}")
+
+    if args.finetune:
+        del policy, reward_models
+        gc.collect()
+        run_sft(model_args, SFTArguments(train_file=data_path, max_length=args.max_length), training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,23 @@
-"""Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin and per-rating accuracy."""
+"""Llama 2-Chat's reward models: binary ranking loss with a rating-dependent margin and per-rating accuracy.
 
+    llama2-reward-model --model out/sft --train-file pairs.jsonl --output-dir out/rm_helpfulness
+    accelerate launch -m modeling_llama2.alignment.reward ...  (or torchrun ... -m modeling_llama2.alignment.reward ...)
+"""
+
+import contextlib
+import functools
 import logging
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+import transformers
+from datasets import Features, IterableDataset, List, Value
 from transformers import (
     EvalPrediction,
     PreTrainedTokenizerBase,
@@ -15,14 +26,18 @@ from transformers import (
 )
 
 from ..modeling_llama2 import Llama2ForSequenceClassification
+from .data import Data, DataArguments, Source, load_records, prepare, tokenize
 from .scoring import encode_response, pad_right, prompt_messages
+from .sft import check_streaming
 from .training import (
     InputError,
     ModelArguments,
     check_fits_context,
+    check_launch,
+    cli,
     load_tokenizer,
     model_context,
-    read_jsonl,
+    parse_args,
     train,
     truncate,
 )
@@ -37,11 +52,9 @@ OBJECTIVES = get_args(Objective)  # the paper's two reward models
 
 
 @dataclass
-class RewardArguments:
-    train_file: str = field(
-        metadata={"help": 'JSONL of {"prompt", "chosen", "rejected"} with "rating" or a numeric "margin".'}
-    )
-    eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
+class RewardArguments(DataArguments):
+    """Comparison data (`prompt`, `chosen`, `rejected`, with `rating` and/or `margin`) and the reward model's loss."""
+
     objective: Objective = field(
         default="helpfulness",
         metadata={
@@ -79,46 +92,73 @@ def pair_margin(record: dict, table: str) -> tuple[int, float]:
     return index, float(margin)
 
 
-def load_pairs(path: str, tokenizer: PreTrainedTokenizerBase, args: RewardArguments) -> list[dict]:
-    """Tokenized comparisons `{"chosen", "rejected", "rating", "margin"}` of the records for `args.objective`.
+KEEP, TIE, OTHER_OBJECTIVE = 0, 1, 2  # what `encode_pair` says of a record
+# `encode_pair`'s outputs, declared: a skipped record's empty token lists would leave their type to guess.
+PAIR_FEATURES = Features(
+    {
+        "rating": Value("int64"),
+        "margin": Value("float64"),
+        "skip": Value("int8"),
+        "chosen": List(Value("int64")),
+        "rejected": List(Value("int64")),
+    }
+)
 
-    Records tagged with an unknown objective are refused (a typo would otherwise drop them from both reward
-    models); those whose chosen and rejected responses are the same text are skipped with a warning, as their loss
-    has no gradient."""
-    pairs, ties = [], 0
-    for line_no, record in read_jsonl(path, required=("prompt", "chosen", "rejected")):
-        where = f"{path}:{line_no}"
-        objective = record.get("objective", args.objective)
-        if objective not in OBJECTIVES:
-            raise InputError(
-                f"{where}: unknown objective {objective!r}; use one of {list(OBJECTIVES)}, or leave the field out "
-                "to train either reward model on the record."
-            )
-        if objective != args.objective:
-            continue
-        try:
-            rating, margin = pair_margin(record, args.margin)
-        except ValueError as e:
-            raise InputError(f"{where}: {e}") from e
-        if record["chosen"] == record["rejected"]:
-            ties += 1
-            continue
-        pair = {"rating": rating, "margin": margin}
-        for key in ("chosen", "rejected"):
-            try:
-                ids, labels = encode_response(tokenizer, prompt_messages(record["prompt"]), record[key])
-            except ValueError as e:
-                raise InputError(f"{where}: {e}") from e
-            pair[key] = truncate(ids, labels, args.max_length, where)[0]
-        pairs.append(pair)
-    if ties:
-        logger.warning(
-            f"{path}: skipped {ties} {args.objective} comparison(s) whose chosen and rejected responses are the same "
-            "text: they carry no preference."
+
+def encode_pair(
+    record: dict, *, tokenizer: PreTrainedTokenizerBase, args: RewardArguments, context: int | None
+) -> dict:
+    """A comparison as `{"chosen", "rejected"}` token ids with its `rating` index and `margin`, and `skip`: `TIE`
+    when both responses are the same text (no preference, no gradient), `OTHER_OBJECTIVE` for a record tagged for
+    the other reward model. An unknown objective tag is refused: a typo would drop the record from both models."""
+    missing = [key for key in ("prompt", "chosen", "rejected") if record.get(key) is None]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}; every record needs prompt, chosen and rejected")
+    objective = record.get("objective") or args.objective
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"unknown objective {objective!r}; use one of {list(OBJECTIVES)}, or leave the field out to train "
+            "either reward model on the record"
         )
-    if not pairs:
-        raise InputError(f"{path} holds no {args.objective} comparisons.")
-    return pairs
+    rating, margin = pair_margin(record, args.margin)
+    pair = {"rating": rating, "margin": margin, "skip": KEEP, "chosen": [], "rejected": []}
+    if objective != args.objective or record["chosen"] == record["rejected"]:
+        return {**pair, "skip": OTHER_OBJECTIVE if objective != args.objective else TIE}
+    for key in ("chosen", "rejected"):
+        ids, labels = encode_response(tokenizer, prompt_messages(record["prompt"]), record[key])
+        pair[key] = truncate(ids, labels, args.max_length)[0]
+        check_fits_context(pair[key], context)
+    return pair
+
+
+def keep_pairs(pairs: Data, where: Source, objective: str) -> Data:
+    """The comparisons to train on, with a warning counting the ties skipped (counted where the data has a size)."""
+    if isinstance(pairs, IterableDataset):
+        return pairs.filter(lambda skip: skip == KEEP, input_columns="skip").remove_columns("skip")
+    skips = pc.value_counts(pairs.with_format("arrow")["skip"]).to_pylist()
+    counts = {entry["values"]: entry["counts"] for entry in skips}
+    if counts.get(TIE):
+        logger.warning(
+            f"{where.name}: skipped {counts[TIE]} {objective} comparison(s) whose chosen and rejected responses are "
+            "the same text: they carry no preference."
+        )
+    if not counts.get(KEEP):
+        raise InputError(f"{where.name} holds no {objective} comparisons.")
+    if len(counts) > 1:
+        pairs = pairs.filter(lambda skip: skip == KEEP, input_columns="skip", desc="Keeping comparisons")
+    return pairs.remove_columns("skip")
+
+
+def load_pairs(source: str | os.PathLike | Data, tokenizer: PreTrainedTokenizerBase, args: RewardArguments) -> Data:
+    """Tokenized comparisons `{"chosen", "rejected", "rating", "margin"}` for `args.objective` of a data file, folder,
+    Hub data set or `Dataset` (see `encode_pair`)."""
+    if isinstance(source, str | os.PathLike):
+        data, where = load_records(os.fspath(source))
+    else:
+        data, where = source, Source("dataset")
+    encode = functools.partial(encode_pair, tokenizer=tokenizer, args=args, context=None)
+    pairs = tokenize(data, where, encode, desc="Tokenizing", features=PAIR_FEATURES)
+    return keep_pairs(pairs, where, args.objective)
 
 
 class PairCollator:
@@ -172,31 +212,85 @@ def ranking_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def run_reward_model(
-    model_args: ModelArguments, reward_args: RewardArguments, training_args: TrainingArguments
+    model_args: ModelArguments,
+    reward_args: RewardArguments,
+    training_args: TrainingArguments,
+    *,
+    train_dataset: Data | None = None,
+    eval_dataset: Data | None = None,
 ) -> dict:
-    """Train a one-output reward model from `model_args.model` (the SFT model); save it and `metrics.json`."""
+    """Train a one-output reward model from `model_args.model` (the SFT model) on the comparisons `reward_args`
+    names, or on `train_dataset` (a `datasets.Dataset` or `IterableDataset`); save it and `metrics.json`."""
+    check_launch(training_args)
+    check_streaming(reward_args.streaming, training_args)
     tokenizer = load_tokenizer(model_args.model)
-    context = model_context(model_args.model)
+    encode = functools.partial(
+        encode_pair, tokenizer=tokenizer, args=reward_args, context=model_context(model_args.model)
+    )
+    with training_args.main_process_first(desc="tokenizing the comparisons"):
+        splits = prepare(
+            reward_args, encode, seed=training_args.seed, desc="Tokenizing", features=PAIR_FEATURES,
+            train_dataset=train_dataset, eval_dataset=eval_dataset,
+        )  # fmt: skip
+        (train_pairs, train_source), evaluation = splits
+        train_pairs = keep_pairs(train_pairs, train_source, reward_args.objective)
+        eval_pairs = keep_pairs(*evaluation, reward_args.objective) if evaluation else None
 
     def load_base():
-        model = Llama2ForSequenceClassification.from_pretrained(  # a stock Llama folder too, saved back as one
-            model_args.model,
-            num_labels=1,
-            id2label={0: reward_args.objective},
-            label2id={reward_args.objective: 0},
-            attn_implementation=model_args.attn_implementation,
-        )
-        model.config.pad_token_id = tokenizer.pad_token_id  # the head scores the last token that is not padding
-        return model
-
-    def pairs(path):
-        loaded = load_pairs(path, tokenizer, reward_args)
-        check_fits_context([len(p[key]) for p in loaded for key in ("chosen", "rejected")], context, path)
-        return loaded
+        return load_reward_base(model_args, reward_args.objective, tokenizer.pad_token_id)
 
     return train(
         RewardTrainer, model_args, training_args, load_base=load_base, task_type="SEQ_CLS", tokenizer=tokenizer,
-        train_data=pairs(reward_args.train_file),
-        eval_data=pairs(reward_args.eval_file) if reward_args.eval_file else None,
-        data_collator=PairCollator(tokenizer.pad_token_id), compute_metrics=ranking_metrics,
+        train_data=train_pairs, eval_data=eval_pairs, data_collator=PairCollator(tokenizer.pad_token_id),
+        compute_metrics=ranking_metrics,
     )  # fmt: skip
+
+
+def load_reward_base(model_args: ModelArguments, objective: str, pad_token_id: int) -> Llama2ForSequenceClassification:
+    """A one-output reward model from `model_args.model` (a stock Llama folder too, saved back as one).
+
+    Started from a causal LM, the score head is new and the LM head unused: transformers' load report (a table) would
+    say so at warning level; that expected case is one line here, any other key is still reported."""
+    with transformers_logging_at(logging.ERROR):
+        model, info = Llama2ForSequenceClassification.from_pretrained(
+            model_args.model,
+            num_labels=1,
+            id2label={0: objective},
+            label2id={objective: 0},
+            attn_implementation=model_args.attn_implementation,
+            output_loading_info=True,
+        )
+    missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
+    if missing == {"score.weight"} and unexpected <= {"lm_head.weight"}:
+        logger.warning(f"{model_args.model}: a causal LM; the reward head (score.weight) starts from random weights.")
+    elif missing or unexpected or info.get("mismatched_keys"):
+        logger.warning(
+            f"{model_args.model}: weights missing {sorted(missing)}, unexpected {sorted(unexpected)}, "
+            f"mismatched {sorted(info.get('mismatched_keys') or [])}."
+        )
+    model.config.pad_token_id = pad_token_id  # the head scores the last token that is not padding
+    return model
+
+
+@contextlib.contextmanager
+def transformers_logging_at(level: int) -> Iterator[None]:
+    """transformers' log level set to `level` for a block, then restored."""
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+@cli  # a data error: one `error: ...` line, exit code 2
+def main(argv: list[str] | None = None) -> None:
+    """`llama2-reward-model`: the command line over `run_reward_model`, with the paper's learning rate and epoch."""
+    model_args, reward_args, training_args = parse_args(
+        ModelArguments, RewardArguments, argv=argv, learning_rate=1e-5, lr_scheduler_type="cosine", num_train_epochs=1
+    )
+    run_reward_model(model_args, reward_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,18 @@
 """Supervised fine-tuning data and training as in Llama 2-Chat: chat-formatted samples, loss on answers only,
-samples packed into fixed-length rows with attention kept inside each sample."""
+samples packed into fixed-length rows with attention kept inside each sample.
+
+    llama2-sft --model PATH --train-file sft.jsonl --output-dir out/sft --num-epochs 2
+    accelerate launch -m modeling_llama2.alignment.sft ...  (or torchrun ... -m modeling_llama2.alignment.sft ...)
+"""
 
 import bisect
+import functools
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+from datasets import Dataset, IterableDataset
 from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
@@ -14,26 +23,33 @@ from transformers import (
 
 from ..chat_format import CONTROL_TOKENS, IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from ..modeling_llama2 import Llama2ForCausalLM
+from .data import Data, DataArguments, Source, list_lengths, load_records, prepare, tokenize
 from .training import (
     InputError,
     ModelArguments,
     check_fits_context,
+    check_launch,
+    cli,
     load_tokenizer,
     model_context,
-    read_jsonl,
+    parse_args,
     train,
     truncate,
 )
 
 
 @dataclass
-class SFTArguments:
-    train_file: str = field(
-        metadata={"help": 'JSONL of {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}.'}
-    )
-    eval_file: str | None = field(default=None, metadata={"help": "Optional JSONL in the same format."})
+class SFTArguments(DataArguments):
+    """SFT data (any of the formats `encode_record` takes) and how samples are laid out."""
+
     max_length: int = field(default=4096, metadata={"help": "Tokens per sample and per packed row."})
-    packing: bool = field(default=True, metadata={"help": "Pack samples into rows of --max-length tokens."})
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack samples into rows of --max-length tokens (the default); --no-packing pads each sample "
+            "to the longest of its batch instead."
+        },
+    )
 
 
 FORMATS = '"messages"; "prompt" and "completion"; "prompt" and "response"; or "text"'
@@ -90,42 +106,97 @@ def encode_record(record: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[lis
     raise ValueError(f"need {FORMATS}; got fields {sorted(present)}")
 
 
-def load_sft_samples(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
-    """Tokenized samples `{"input_ids", "labels"}` of a JSONL file, prompts masked with -100."""
-    samples = []
-    for line_no, record in read_jsonl(path):
-        where = f"{path}:{line_no}"
-        try:
-            ids, labels = encode_record(record, tokenizer)
-        except ValueError as e:
-            raise InputError(f"{where}: {e}") from e
-        ids, labels = truncate(ids, labels, max_length, where)
-        samples.append({"input_ids": ids, "labels": labels})
-    if not samples:
-        raise InputError(f"{path} holds no records.")
-    return samples
+def encode_sample(record: dict, *, tokenizer: PreTrainedTokenizerBase, max_length: int, context: int | None) -> dict:
+    """A record as a training sample `{"input_ids", "labels"}`, cut to `max_length` and checked against the model's
+    context (so a stream fails on it when read, not mid-step)."""
+    ids, labels = truncate(*encode_record(record, tokenizer), max_length)
+    check_fits_context(ids, context)
+    return {"input_ids": ids, "labels": labels}
 
 
-def pack(samples: list[dict], max_length: int) -> list[list[dict]]:
-    """Group whole samples into rows of at most `max_length` tokens (best-fit decreasing bin packing).
+def load_sft_samples(
+    source: str | os.PathLike | Data, tokenizer: PreTrainedTokenizerBase, max_length: int, context: int | None = None
+) -> Data:
+    """Tokenized samples `{"input_ids", "labels"}` of a data file, folder, Hub data set or `Dataset`, prompts masked
+    with -100."""
+    if isinstance(source, str | os.PathLike):
+        data, where = load_records(os.fspath(source))
+    else:
+        data, where = source, Source("dataset")
+    encode = functools.partial(encode_sample, tokenizer=tokenizer, max_length=max_length, context=context)
+    return tokenize(data, where, encode, desc="Tokenizing")
+
+
+def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Group whole samples, given by their lengths, into rows of at most `max_length` tokens (best-fit decreasing bin
+    packing); returns each row's sample indices.
 
     Samples are never split, so each keeps its full context and the packed loss equals the unpacked one. Rows come
     out nearly full, which keeps the tokens per step steady; the collator then adds no padding at all.
     """
-    rows: list[list[dict]] = []
+    rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
-    for sample in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True):
-        n = len(sample["input_ids"])
-        i = bisect.bisect_left(free, (n, -1))  # the fullest row it still fits in
-        if i == len(free):
-            rows.append([sample])
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))  # the fullest row it still fits in
+        if j == len(free):
+            rows.append([i])
             room, row = max_length - n, len(rows) - 1
         else:
-            room, row = free.pop(i)
-            rows[row].append(sample)
+            room, row = free.pop(j)
+            rows[row].append(i)
             room -= n
         bisect.insort(free, (room, row))
     return rows
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """Rows of samples as `pack` grouped them, read from the (memory-mapped) samples when a batch asks."""
+
+    def __init__(self, samples: Dataset, max_length: int):
+        self.samples, self.rows = samples, pack(list_lengths(samples, "input_ids"), max_length)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.samples[j] for j in self.rows[i]]
+
+
+OPEN_ROWS = 16  # rows a stream is packed into at once
+
+
+def pack_stream(samples: Iterable[dict], max_length: int, open_rows: int = OPEN_ROWS) -> Iterator[list[dict]]:
+    """Rows packed as the samples arrive: each joins the fullest open row it fits in, or opens one; a row leaves when
+    full or, when more than `open_rows` are open, the fullest leaves. Memory holds `open_rows` rows whatever the size
+    of the data, and rows still come out nearly full."""
+    rows: list[list] = []  # [tokens, samples]
+    for sample in samples:
+        n = len(sample["input_ids"])
+        fits = [row for row in rows if row[0] + n <= max_length]
+        if fits:
+            row = max(fits, key=lambda row: row[0])
+            row[0] += n
+            row[1].append(sample)
+        else:
+            row = [n, [sample]]
+            rows.append(row)
+        if row[0] == max_length or len(rows) > open_rows:
+            done = row if row[0] == max_length else max(rows, key=lambda row: row[0])
+            rows.remove(done)
+            yield done[1]
+    for row in rows:
+        yield row[1]
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """`pack_stream` over a stream of samples, read afresh each epoch."""
+
+    def __init__(self, samples: IterableDataset, max_length: int):
+        self.samples, self.max_length = samples, max_length
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        return pack_stream(self.samples, self.max_length)
 
 
 class PackedCollator:
@@ -150,24 +221,66 @@ def sft_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-def run_sft(model_args: ModelArguments, sft_args: SFTArguments, training_args: TrainingArguments) -> dict:
-    """Fine-tune `model_args.model` on `sft_args.train_file`; save the model and `metrics.json` in the output
-    directory. Returns the metrics."""
+def check_streaming(streaming: bool, training_args: TrainingArguments) -> None:
+    """A stream has no length, so the run's length must be given in steps; each rank reads the whole stream and keeps
+    its own share of batches (accelerate cannot broadcast the packed batches' non-tensor fields)."""
+    if not streaming:
+        return
+    if training_args.max_steps <= 0:
+        raise InputError("--streaming needs --max-steps: a stream's length, hence an epoch's, is unknown.")
+    training_args.accelerator_config.dispatch_batches = False
+
+
+def run_sft(
+    model_args: ModelArguments,
+    sft_args: SFTArguments,
+    training_args: TrainingArguments,
+    *,
+    train_dataset: Data | None = None,
+    eval_dataset: Data | None = None,
+) -> dict:
+    """Fine-tune `model_args.model` on the data `sft_args` names, or on `train_dataset` (a `datasets.Dataset` or
+    `IterableDataset` of records); save the model and `metrics.json` in the output directory. Returns the metrics."""
+    check_launch(training_args)
+    check_streaming(sft_args.streaming, training_args)
     tokenizer = load_tokenizer(model_args.model)
-    context = model_context(model_args.model)
+    encode = functools.partial(
+        encode_sample, tokenizer=tokenizer, max_length=sft_args.max_length, context=model_context(model_args.model)
+    )
+    with training_args.main_process_first(desc="tokenizing the SFT data"):
+        splits = prepare(
+            sft_args, encode, seed=training_args.seed, desc="Tokenizing", train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+        )  # fmt: skip
+
+    def rows(samples: Data, where: Source):
+        if isinstance(samples, IterableDataset):
+            return PackedStream(samples, sft_args.max_length) if sft_args.packing else samples
+        if len(samples) == 0:
+            raise InputError(f"{where.name} holds no records.")
+        return PackedRows(samples, sft_args.max_length) if sft_args.packing else samples
 
     def load_base():
         return Llama2ForCausalLM.from_pretrained(  # a stock Llama folder too, saved back as one
             model_args.model, attn_implementation=model_args.attn_implementation
         )
 
-    def dataset(path):
-        samples = load_sft_samples(path, tokenizer, sft_args.max_length)
-        check_fits_context([len(s["input_ids"]) for s in samples], context, path)
-        return pack(samples, sft_args.max_length) if sft_args.packing else samples
-
+    (train_samples, train_source), evaluation = splits
     return train(
         Trainer, model_args, training_args, load_base=load_base, task_type="CAUSAL_LM", tokenizer=tokenizer,
-        train_data=dataset(sft_args.train_file), eval_data=dataset(sft_args.eval_file) if sft_args.eval_file else None,
+        train_data=rows(train_samples, train_source), eval_data=rows(*evaluation) if evaluation else None,
         data_collator=sft_collator(tokenizer, sft_args.packing),
     )  # fmt: skip
+
+
+@cli  # a data error: one `error: ...` line, exit code 2
+def main(argv: list[str] | None = None) -> None:
+    """`llama2-sft`: the command line over `run_sft`, with the paper's learning rate, schedule and epochs."""
+    model_args, sft_args, training_args = parse_args(
+        ModelArguments, SFTArguments, argv=argv, learning_rate=2e-5, lr_scheduler_type="cosine", num_train_epochs=2
+    )
+    run_sft(model_args, sft_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import Dataset
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -75,6 +74,9 @@ def parse_args(*dataclass_types: type, argv: Sequence[str] | None = None, **defa
     """
     parser = HfArgumentParser((*dataclass_types, TrainingArguments))
     parser.add_argument("--num-epochs", dest="num_train_epochs", type=float, help="Alias of --num-train-epochs.")
+    for action in parser._actions:  # argparse's public API cannot amend an added argument
+        if action.dest == "output_dir":  # else Trainer writes into ./trainer_output, wherever the run was started
+            action.required = True
     parser.set_defaults(logging_steps=10, ddp_find_unused_parameters=False, **defaults)
     *script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # The collators here read fields the model's forward does not name (margins, ratings, packed samples).
@@ -117,15 +119,24 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> str | os.PathLi
     return path
 
 
-def truncate(ids: list[int], labels: list[int], max_length: int, where: str) -> tuple[list[int], list[int]]:
+def truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Cut a sample to `max_length` tokens, refusing when no answer token would be left to learn from."""
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
-        raise InputError(
-            f"{where}: the prompt alone fills --max-length {max_length} (no answer token left to train on); "
-            "raise --max-length, or shorten or drop this record."
+        raise ValueError(
+            f"the prompt alone fills --max-length {max_length} (no answer token left to train on); "
+            "raise --max-length, or shorten or drop this record"
         )
     return ids, labels
+
+
+def check_fits_context(ids: list[int], context: int | None) -> None:
+    """Refuse, before training, a sample that the model would refuse mid-run as longer than its context."""
+    if context is not None and len(ids) > context:
+        raise ValueError(
+            f"{len(ids)} tokens, longer than the model's context of {context} tokens; pass --max-length {context} "
+            "(or less) to truncate"
+        )
 
 
 def model_context(path: str) -> int | None:
@@ -136,25 +147,22 @@ def model_context(path: str) -> int | None:
     return context_length(config)
 
 
-def check_fits_context(lengths: list[int], context: int | None, path: str) -> None:
-    """Refuse, before training, samples that the model would refuse mid-run as longer than its context."""
-    too_long = [n for n in lengths if context is not None and n > context]
-    if too_long:
+def check_launch(training_args: TrainingArguments) -> None:
+    """Refuse launches that would not be what they look like: several processes that each train alone (on a CPU
+    without `--use-cpu` every rank sees `world_size` 1 and all write into one folder), and FSDP on a CPU, which
+    accelerate does not apply there (it silently runs DDP)."""
+    launched = max(int(os.environ.get(name, 1)) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if launched > 1 and training_args.world_size == 1:
         raise InputError(
-            f"{path}: {len(too_long)} of {len(lengths)} samples are longer than the model's context of {context} "
-            f"tokens (the longest has {max(too_long)}); pass --max-length {context} (or less) to truncate them."
+            f"launched as {launched} processes, but each would train alone into the same folder; on CPUs pass "
+            "--use-cpu (DDP over gloo), on GPUs check that each process sees its GPU."
         )
-
-
-class ListDataset(Dataset):
-    def __init__(self, items: list):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp and training_args.device.type == "cpu":
+        raise InputError(
+            "FSDP needs GPUs: on a CPU accelerate does not shard and the run would silently be DDP; drop --fsdp "
+            "(with --use-cpu, several processes run DDP over gloo) or run on GPUs."
+        )
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -248,17 +256,21 @@ def train(
     load_base: Callable[[], PreTrainedModel],
     task_type: str,
     tokenizer: PreTrainedTokenizerBase,
-    train_data: list,
-    eval_data: list | None,
+    train_data: Any,
+    eval_data: Any | None,
     **trainer_kwargs: Any,
 ) -> dict:
     """The run every trainer makes: the base model (with LoRA when asked), training (resumed when asked), evaluation,
-    the final save. Returns the metrics, with the non-padding (useful) tokens per second of this session."""
+    the final save. Returns the metrics, with the non-padding (useful) tokens per second of this session.
+
+    The data are anything `Trainer` takes: a `datasets.Dataset` or `IterableDataset`, or a torch dataset of rows."""
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on a CPU it only warns
     trainer = trainer_class(
         model=add_lora(load_base(), model_args, task_type),
         args=training_args,
-        train_dataset=ListDataset(train_data),
-        eval_dataset=ListDataset(eval_data) if eval_data is not None else None,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
         processing_class=tokenizer,
         **trainer_kwargs,
     )

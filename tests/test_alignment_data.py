@@ -1,0 +1,187 @@
+"""The trainers' data through `datasets` (files of any format, `Dataset` objects, streaming), their console scripts,
+launches that would not be distributed, and the quiet defaults."""
+
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+from transformers import TrainingArguments
+
+from modeling_llama2.alignment.reward import load_reward_base
+from modeling_llama2.alignment.sft import SFTArguments, pack_stream, run_sft
+from modeling_llama2.alignment.training import InputError, ModelArguments
+from tests.alignment_helpers import REPO, logged_losses, qa_pairs, save_causal_lm, script_error, write_jsonl
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_causal_lm(tmp_path_factory.mktemp("model") / "model")
+
+
+def records(n):
+    return [{"prompt": q, "response": a} for q, a in qa_pairs(n)]
+
+
+def short_run(output_dir, **overrides):
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", **overrides,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["parquet", "jsonl.gz", "Dataset"])
+def test_sft_trains_from_parquet_gzipped_jsonl_and_a_dataset(tmp_path, model_dir, form, recwarn):
+    data = datasets.Dataset.from_list(records(8))
+    kwargs, sft_args = {}, SFTArguments(max_length=128)
+    if form == "parquet":
+        data.to_parquet(tmp_path / "sft.parquet")
+        sft_args.train_file = str(tmp_path / "sft.parquet")
+    elif form == "jsonl.gz":
+        with gzip.open(tmp_path / "sft.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records(8))
+        sft_args.dataset = str(tmp_path / "sft.jsonl.gz")
+    else:
+        kwargs = {"train_dataset": data, "eval_dataset": data.select(range(2))}
+    args = short_run(tmp_path / "out")
+    metrics = run_sft(ModelArguments(model=str(model_dir)), sft_args, args, **kwargs)
+    assert len(logged_losses(tmp_path / "out")) == 2 and metrics["train_useful_tokens_per_second"] > 0
+    assert ("eval_loss" in metrics) == (form == "Dataset")
+    assert args.dataloader_pin_memory is False and not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
+def test_eval_size_holds_out_records(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "sft.jsonl", records(10))
+    sft_args = SFTArguments(train_file=str(data), max_length=128, eval_size=3)
+    metrics = run_sft(ModelArguments(model=str(model_dir)), sft_args, short_run(tmp_path / "out"))
+    assert metrics["eval_samples_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n', r"sft.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n[1, 2]\n', r"sft.jsonl:2: a JSON list where a record belongs"),
+        ("", r"sft.jsonl holds no records"),
+    ],
+)
+def test_a_bad_file_is_one_line_with_its_line(tmp_path, model_dir, capsys, content, message):
+    (tmp_path / "sft.jsonl").write_text(content)
+    line = script_error(
+        "sft.py", "--model", model_dir, "--train-file", tmp_path / "sft.jsonl", "--output-dir", tmp_path / "out",
+        "--use-cpu", capsys=capsys,
+    )  # fmt: skip
+    assert __import__("re").search(message, line), line
+
+
+def test_a_json_array_file_is_read_as_records(tmp_path, model_dir):
+    (tmp_path / "sft.json").write_text(json.dumps(records(4)))
+    run_sft(ModelArguments(model=str(model_dir)), SFTArguments(train_file=str(tmp_path / "sft.json"), max_length=128),
+            short_run(tmp_path / "out"))  # fmt: skip
+
+
+def test_pack_stream_keeps_every_sample_once_in_bounded_rows():
+    lengths = [5, 9, 3, 7, 2, 8, 4, 6, 1, 10] * 20
+    rows = list(pack_stream(({"input_ids": [i] * n} for i, n in enumerate(lengths)), max_length=12, open_rows=3))
+    assert sorted(s["input_ids"][0] for row in rows for s in row) == list(range(len(lengths)))
+    assert all(sum(len(s["input_ids"]) for s in row) <= 12 for row in rows)
+    assert sum(lengths) / (12 * len(rows)) > 0.8  # nearly full rows
+
+
+def test_streaming_needs_max_steps(tmp_path, model_dir):
+    args = short_run(tmp_path / "out")
+    args.max_steps = -1
+    with pytest.raises(InputError, match="--streaming needs --max-steps"):
+        run_sft(ModelArguments(model=str(model_dir)), SFTArguments(train_file="x.jsonl", streaming=True), args)
+
+
+MEASURE = """
+import resource, sys
+from modeling_llama2.alignment.sft import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_streaming_memory_does_not_grow_with_the_data(tmp_path, model_dir):
+    peaks = {}
+    for n in (2_000, 200_000):
+        path = tmp_path / f"sft_{n}.jsonl"
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"prompt": f"the cat {i}?", "response": "red"}) + "\n" for i in range(n))
+        result = subprocess.run(
+            [sys.executable, "-c", MEASURE, "--model", str(model_dir), "--train-file", str(path), "--streaming",
+             "--max-steps", "3", "--max-length", "64", "--output-dir", str(tmp_path / f"out_{n}"), "--use-cpu",
+             "--save-strategy", "no", "--report-to", "none"],
+            env=ENV, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[n] = int(result.stdout.split("MAXRSS")[-1])
+    assert peaks[200_000] < 1.5 * peaks[2_000], peaks
+
+
+def test_console_scripts_show_help_and_train(tmp_path, model_dir):
+    helps = subprocess.run(
+        "llama2-sft --help && llama2-reward-model --help && llama2-rejection-sampling --help",
+        shell=True, env=ENV, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert helps.returncode == 0, helps.stderr[-3000:]
+    assert "--no-packing pads each sample" in " ".join(helps.stdout.split())
+    assert "--no-compile decodes eagerly" in " ".join(helps.stdout.split())
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["llama2-sft", "--model", str(model_dir), "--train-file", str(write_jsonl(tmp_path / "sft.jsonl", records(8))),
+         "--max-steps", "2", "--max-length", "128", "--output-dir", str(out), "--use-cpu", "--save-strategy", "no"],
+        env=ENV, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_several_ranks_without_use_cpu_are_refused(tmp_path, model_dir):
+    """On a CPU machine each rank of torchrun --nproc_per_node 2 without --use-cpu would train alone."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "modeling_llama2.alignment.sft", "--model", str(model_dir), "--train-file", "x.jsonl",
+         "--output-dir", str(tmp_path / "out")],
+        env=ENV, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all(e.startswith("error: launched as 2 processes") for e in errors), result.stderr
+    assert "pass --use-cpu" in errors[0] and "exitcode  : 2" in result.stderr
+
+
+def test_fsdp_on_cpu_is_refused(tmp_path, model_dir, capsys):
+    line = script_error(
+        "sft.py", "--model", model_dir, "--train-file", "x.jsonl", "--output-dir", tmp_path / "out", "--use-cpu",
+        "--fsdp", "full_shard", capsys=capsys,
+    )  # fmt: skip
+    assert line.startswith("error: FSDP needs GPUs")
+
+
+def test_output_dir_is_required(tmp_path, model_dir, capsys):
+    from modeling_llama2.alignment.sft import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_dir), "--train-file", "x.jsonl", "--use-cpu"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --output_dir/--output-dir" in capsys.readouterr().err
+
+
+def test_a_reward_model_from_a_causal_lm_says_so_in_one_line(model_dir, caplog, capsys):
+    with caplog.at_level(logging.INFO):
+        load_reward_base(ModelArguments(model=str(model_dir)), "helpfulness", 0)
+    captured = capsys.readouterr()
+    assert "LOAD REPORT" not in captured.err + captured.out + caplog.text
+    (record,) = [r for r in caplog.records if "score.weight" in r.getMessage()]
+    assert "a causal LM; the reward head (score.weight) starts from random weights" in record.getMessage()
