@@ -15,7 +15,8 @@
 5. samples N = 1..16 answers per new prompt, keeps the reward model's favourite (of 16, or of the first
    `--finetune-best-of`) and fine-tunes the SFT model on those (`rejection_sample`, then `run_sft`); no reference
    answer is used in this stage. A control fine-tunes the SFT model the same way on one random sample per prompt,
-   so that the table separates what the reward model's choice adds from what training on own samples does;
+   so that the table separates what the reward model's choice adds from what training on own samples does. Round 2
+   does the same from round 1's model on fresh prompts (the paper's iterated RLHF versions);
 6. chats with the result through `pipeline("text-generation")`.
 
 After each stage it measures greedy exact-answer accuracy on held-out problems asked in the chat format; once the
@@ -90,7 +91,8 @@ class Sizes:
     pair_problems: int = 6000
     rm_epochs: float = 3
     rm_lr: float = 1e-3
-    rs_prompts: int = 2000
+    rs_prompts: int = 2000  # per round
+    rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
     rs_epochs: float = 2
     rs_lr: float = 5e-4
     eval_problems: int = 200
@@ -108,9 +110,11 @@ ARTEFACTS = {
     "pretrained model converted back (with chat template)": "base",
     "SFT model": "sft",
     "reward model": "reward_model",
-    "best-of-16 samples and rewards": "rejection_sampling_data.jsonl",
-    "rejection-sampling fine-tuned model": "rejection_sampling",
+    "best-of-16 samples and rewards (round 1)": "rejection_sampling_data.jsonl",
+    "rejection-sampling fine-tuned model (round 1)": "rejection_sampling",
     "control: fine-tuned on random samples": "random_sample_control",
+    "round 2's samples, from round 1's model": "rejection_sampling_round_2_data.jsonl",
+    "round 2's fine-tuned model": "rejection_sampling_round_2",
     "max-vs-median reward plot": "max_vs_median_reward.png",
     "metrics": "metrics.json",
 }
@@ -131,13 +135,13 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
             "sft": sizes.sft_problems,
             "pairs": sizes.pair_problems,
             "pairs_eval": 100,
-            "rejection_sampling": sizes.rs_prompts,
+            **{f"rejection_sampling_{r}": sizes.rs_prompts for r in range(1, sizes.rs_rounds + 1)},
         },
     )
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "pretrain.txt").write_text("".join(equation(p) + "\n" for p in splits["pretrain"]))
     write_jsonl(str(data_dir / "sft.jsonl"), [sft_record(p) for p in splits["sft"]])
-    for name in ("eval", "rejection_sampling"):
+    for name in ("eval", *(f"rejection_sampling_{r}" for r in range(1, sizes.rs_rounds + 1))):
         write_jsonl(str(data_dir / f"{name}_prompts.jsonl"), [{"prompt": question(p)} for p in splits[name]])
     return splits
 
@@ -253,24 +257,25 @@ def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: rando
     write_jsonl(str(path), pairs)
 
 
-def best_of_n(
-    out: Path, problems: list[Problem], reward: Llama2ForSequenceClassification
-) -> tuple[list[dict], bool]:
-    """Sample 16 answers per rejection-sampling prompt from the SFT model, score them with the reward model, keep
-    them all (`rejection_sampling_data.jsonl`), and return the max-vs-median reward curve per N and whether it was
-    plotted (matplotlib is optional)."""
+def round_name(r: int) -> str:
+    """Folder and file stem of rejection-sampling round `r` (round 1 keeps the single-round names)."""
+    return "rejection_sampling" if r == 1 else f"rejection_sampling_round_{r}"
+
+
+def best_of_n(out: Path, r: int, policy_dir: Path, problems: list[Problem], reward) -> list[dict]:
+    """Round `r`: sample 16 answers per prompt of the round from `policy_dir`, score them with the reward model,
+    keep them all (`<round>_data.jsonl`) and return the max-vs-median reward curve per N."""
     sampling = SamplingArguments(
-        prompts=str(out / "data/rejection_sampling_prompts.jsonl"), num_samples=max(NS), temperature=TEMPERATURE,
-        top_p=1.0, max_new_tokens=16, compile=COMPILE,
+        prompts=str(out / f"data/rejection_sampling_{r}_prompts.jsonl"), num_samples=max(NS),
+        temperature=TEMPERATURE, top_p=1.0, max_new_tokens=16, compile=COMPILE,
     )  # fmt: skip
-    policy, tokenizer = load_policy(out / "sft"), load_tokenizer(str(out / "sft"))
+    policy, tokenizer = load_policy(policy_dir), load_tokenizer(str(policy_dir))
     records = rejection_sample(policy, tokenizer, {"helpfulness": reward}, load_prompts(sampling.prompts), sampling)
-    write_jsonl(str(out / "rejection_sampling_data.jsonl"), records)
-    curve = best_of_n_table(records, problems)
-    return curve, plot_best_of_n(curve, out / "max_vs_median_reward.png")
+    write_jsonl(str(out / f"{round_name(r)}_data.jsonl"), records)
+    return best_of_n_table(records, problems)
 
 
-def plot_best_of_n(curve: list[dict], path: Path) -> bool:
+def plot_best_of_n(curves: list[list[dict]], path: Path) -> bool:
     """The paper's Figure 7 (max and median reward of N samples) beside what the report can check here and the paper
     could not: how often the reward model's favourite of N, and any of the N, is right. False where matplotlib
     (optional) is missing."""
@@ -281,21 +286,23 @@ def plot_best_of_n(curve: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [point["n"] for point in curve]
+    n = [point["n"] for point in curves[0]]
     fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(9, 3.5))
-    rewards.plot(n, [p["max"] for p in curve], "o-", label="max of N")
-    rewards.plot(n, [p["median"] for p in curve], "s--", label="median of N")
+    for r, curve in enumerate(curves, 1):
+        color = f"C{r - 1}"
+        rewards.plot(n, [p["max"] for p in curve], "o-", color=color, label=f"round {r}: max of N")
+        rewards.plot(n, [p["median"] for p in curve], "s--", color=color, label=f"round {r}: median of N")
+        accuracy.plot(n, [p["accuracy_of_best"] for p in curve], "o-", color=color, label=f"round {r}: favourite")
+        accuracy.plot(n, [p["any_right"] for p in curve], "s--", color=color, label=f"round {r}: any of the N")
     rewards.set_ylabel("reward (mean over prompts)")
-    accuracy.plot(n, [p["accuracy_of_best"] for p in curve], "o-", label="reward model's favourite")
-    accuracy.plot(n, [p["any_right"] for p in curve], "s--", label="any of the N")
     accuracy.set_ylabel("right answers (fraction of prompts)")
     accuracy.set_ylim(0, 1)
     for ax in (rewards, accuracy):
         ax.set_xscale("log", base=2)
         ax.set_xticks(n, [str(v) for v in n])
         ax.set_xlabel("N samples per prompt")
-        ax.legend()
-    fig.suptitle("Rejection sampling from the SFT model: best of N by the helpfulness reward model")
+        ax.legend(fontsize="small")
+    fig.suptitle("Rejection sampling, each round from the last round's model: best of N by the reward model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -318,11 +325,15 @@ def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
     return curve
 
 
-def finetune_on_favourites(out: Path, k: int, model_dir: Path, sizes: Sizes, seed: int) -> dict:
-    """Fine-tune the SFT model on the reward model's favourite of the first `k` samples of each prompt."""
-    records = [record for _, record in read_jsonl(str(out / "rejection_sampling_data.jsonl"))]
-    data = write_jsonl(str(out / f"data/best_of_{k}.jsonl"), [favourite_of_first(record, k) for record in records])
-    return sft(out / "sft", Path(data), model_dir, epochs=sizes.rs_epochs, lr=sizes.rs_lr, seed=seed)
+def finetune_on_favourites(
+    out: Path, r: int, k: int, base_dir: Path, model_dir: Path, sizes: Sizes, seed: int
+) -> dict:
+    """Fine-tune `base_dir` (the model round `r` sampled from) on the reward model's favourite of the first `k`
+    samples of each of the round's prompts."""
+    records = [record for _, record in read_jsonl(str(out / f"{round_name(r)}_data.jsonl"))]
+    name = f"best_of_{k}" if r == 1 else f"best_of_{k}_round_{r}"
+    data = write_jsonl(str(out / f"data/{name}.jsonl"), [favourite_of_first(record, k) for record in records])
+    return sft(base_dir, Path(data), model_dir, epochs=sizes.rs_epochs, lr=sizes.rs_lr, seed=seed)
 
 
 def favourite_of_first(record: dict, k: int) -> dict:
@@ -449,29 +460,37 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
     reward_metrics = timed(seconds, "reward_model", reward_model, out, problems, sizes, rng, seed)
     report_reward_model(reward_metrics)
 
-    heading(f"5. rejection sampling: {max(NS)} samples per prompt, fine-tuning on the best of {finetune_best_of}")
     reward = Llama2ForSequenceClassification.from_pretrained(out / "reward_model").eval()
-    curve, plotted = timed(seconds, "rejection_sampling", best_of_n, out, problems["rejection_sampling"], reward)
-    report_curve(curve, plotted)
-    for name, k, model_dir in [
-        ("rejection sampling", finetune_best_of, out / "rejection_sampling"),
-        ("control: random", 1, out / "random_sample_control"),
-    ]:
-        timed(seconds, "rejection_sampling", finetune_on_favourites, out, k, model_dir, sizes, seed)
-        stages[name] = report_stage(name, evaluate(model_dir, held_out))
+    curves, policy_dir = [], out / "sft"
+    for r in range(1, sizes.rs_rounds + 1):
+        heading(f"5.{r} rejection sampling, round {r}: {max(NS)} samples per prompt from {policy_dir.name}, "
+                f"fine-tuning it on the best of {finetune_best_of}")  # fmt: skip
+        curve = timed(seconds, "rejection_sampling", best_of_n, out, r, policy_dir,
+                      problems[f"rejection_sampling_{r}"], reward)  # fmt: skip
+        curves.append(curve)
+        report_curve(curve)
+        finetunes = [(f"rejection sampling{'' if r == 1 else f' round {r}'}", finetune_best_of, out / round_name(r))]
+        if r == 1:  # the control: the same fine-tuning of the SFT model on one random sample per prompt
+            finetunes.append(("control: random", 1, out / "random_sample_control"))
+        for name, k, model_dir in finetunes:
+            timed(seconds, "rejection_sampling", finetune_on_favourites, out, r, k, policy_dir, model_dir, sizes, seed)
+            stages[name] = report_stage(name, evaluate(model_dir, held_out))
+        policy_dir = out / round_name(r)
+    if not plot_best_of_n(curves, out / "max_vs_median_reward.png"):
+        report_no_plot()
 
     tokenizer = load_tokenizer(str(out / "sft"))
     for result in stages.values():
         result["mean_reward"] = mean_reward(reward, tokenizer, held_out, result.pop("answers"))
 
     heading("6. chatting with the result through pipeline('text-generation')")
-    report_chat(chat_demo(out / "rejection_sampling", held_out[:3]))
+    report_chat(chat_demo(policy_dir, held_out[:3]))
 
     seconds["total"] = time.perf_counter() - start
     metrics = {
         "stages": stages,
         "reward_model": {"helpfulness": reward_metrics},  # per objective
-        "best_of_n": [curve],  # per round of rejection sampling
+        "best_of_n": curves,  # per round of rejection sampling
         "model": model,
         "conversion": conversion,
         "sizes": asdict(sizes),
@@ -498,16 +517,17 @@ def mean_interval(values: list[float]) -> dict:
 
 
 def across_seeds(runs: dict[int, dict]) -> dict:
-    """Per stage and figure, the mean and 95% interval over seeds; and the same for rejection sampling's gain over
-    SFT and over the random-sample control, seed by seed (paired: the stages of one seed share its data)."""
+    """Per stage and figure, the mean and 95% interval over seeds; and the same for the last rejection-sampling round's
+    gain over SFT and over the random-sample control, seed by seed (paired: the stages of one seed share its data)."""
     first = next(iter(runs.values()))
+    final = [name for name in first["stages"] if name.startswith("rejection sampling")][-1]
     stages = {
         stage: {key: mean_interval([r["stages"][stage][key] for r in runs.values()]) for key in figures}
         for stage, figures in first["stages"].items()
     }
     gains = {
-        f"rejection sampling - {base}": mean_interval(
-            [r["stages"]["rejection sampling"]["accuracy"] - r["stages"][base]["accuracy"] for r in runs.values()]
+        f"{final} - {base}": mean_interval(
+            [r["stages"][final]["accuracy"] - r["stages"][base]["accuracy"] for r in runs.values()]
         )
         for base in ("sft", "control: random")
     }
@@ -570,9 +590,11 @@ def report_reward_model(metrics: dict) -> None:
     print(f"reward model ranks held-out pairs right: {metrics['eval_accuracy']:.1%}")
 
 
-def report_curve(curve: list[dict], plotted: bool) -> None:
-    if not plotted:
-        print("matplotlib is not installed: the max-vs-median reward plot was skipped (the curve is in metrics.json)")
+def report_no_plot() -> None:
+    print("matplotlib is not installed: the max-vs-median reward plot was skipped (the curves are in metrics.json)")
+
+
+def report_curve(curve: list[dict]) -> None:
     print("\n  N   mean max reward   mean median reward   RM's pick right   any sample right")
     for p in curve:
         print(

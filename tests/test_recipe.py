@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipe.py"
-STAGES = ("pretrained", "sft", "rejection sampling", "control: random")
+STAGES = ("pretrained", "sft", "rejection sampling", "control: random", "rejection sampling round 2")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def run(tmp_path_factory) -> Path:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "accuracy (chat)" in result.stdout and str(out / "metrics.json") in result.stdout
+    (out / "stdout.txt").write_text(result.stdout)
     return out
 
 
@@ -41,9 +42,8 @@ def test_metrics_cover_every_stage_with_finite_numbers(run):
         for key in ("accuracy", "accuracy_raw_text"):  # a fraction of the held-out problems answered right
             assert round(stage[key] * problems, 6).is_integer() and 0 <= stage[key] <= 1
         assert 0.0 < stage["mean_reward"] < 1.0  # a mean of sigmoids
-    (curve,) = metrics["best_of_n"]  # one round
-    assert [point["n"] for point in curve] == [1, 2, 4, 8, 16]
-    for point in curve:
+    assert len(metrics["best_of_n"]) == 2  # a curve per round
+    for point in [point for curve in metrics["best_of_n"] for point in curve]:
         assert all(math.isfinite(point[key]) for key in ("max", "median", "accuracy_of_best", "any_right"))
         assert point["max"] >= point["median"]
     assert math.isfinite(metrics["reward_model"]["helpfulness"]["eval_accuracy"])
@@ -60,7 +60,9 @@ def test_meta_format_files_exist(run):
     assert json.loads((meta / "params.json").read_text())["n_kv_heads"] == 2  # grouped-query attention
 
 
-@pytest.mark.parametrize("stage", ["pretrained", "base", "sft", "rejection_sampling", "random_sample_control"])
+@pytest.mark.parametrize(
+    "stage", ["pretrained", "base", "sft", "rejection_sampling", "random_sample_control", "rejection_sampling_round_2"]
+)
 def test_models_load_with_auto_classes(run, stage):
     model = AutoModelForCausalLM.from_pretrained(run / stage)
     # Only the pretrained folder is this package's own format; from the conversion on, stock Llama folders.
@@ -111,14 +113,25 @@ def test_seeds_summary_is_mean_and_t_interval_of_paired_gains(recipe):
     assert interval["high"] - interval["mean"] == pytest.approx(4.303 * 0.1 / 3**0.5)  # t(0.975, 2 df) s / sqrt(n)
     runs = {
         seed: {"stages": {name: {"accuracy": acc, "mean_reward": 0.5} for name, acc in zip(STAGES, accs, strict=True)}}
-        for seed, accs in {0: (0.1, 0.40, 0.50, 0.42), 1: (0.2, 0.30, 0.36, 0.31)}.items()
+        for seed, accs in {0: (0.1, 0.40, 0.45, 0.42, 0.50), 1: (0.2, 0.30, 0.33, 0.31, 0.36)}.items()
     }
     summary = recipe.across_seeds(runs)
     assert summary["seeds"] == [0, 1] and list(summary["stages"]) == list(STAGES)
     assert summary["stages"]["sft"]["accuracy"]["values"] == [0.40, 0.30]
     gains = summary["accuracy_gain"]
-    assert gains["rejection sampling - sft"]["values"] == pytest.approx([0.10, 0.06])  # seed by seed, paired
-    assert gains["rejection sampling - control: random"]["values"] == pytest.approx([0.08, 0.05])
+    # the last round's gains, seed by seed (paired)
+    assert gains["rejection sampling round 2 - sft"]["values"] == pytest.approx([0.10, 0.06])
+    assert gains["rejection sampling round 2 - control: random"]["values"] == pytest.approx([0.08, 0.05])
     with pytest.raises(SystemExit):
         recipe.parse_args(["--seeds", "1", "1"])
     assert recipe.parse_args(["--seed", "3"]).seeds == [3]
+
+
+def test_round_two_samples_from_round_one_on_fresh_prompts(run):
+    stdout = (run / "stdout.txt").read_text()
+    assert "round 1: 16 samples per prompt from sft," in stdout
+    assert "round 2: 16 samples per prompt from rejection_sampling," in stdout
+    prompts = [(run / "data" / f"rejection_sampling_{r}_prompts.jsonl").read_text().splitlines() for r in (1, 2)]
+    assert prompts[0] and not set(prompts[0]) & set(prompts[1])  # fresh prompts
+    records = [json.loads(line) for line in (run / "rejection_sampling_round_2_data.jsonl").read_text().splitlines()]
+    assert len(records) == len(prompts[1]) and all(len(record["samples"]) == 16 for record in records)
