@@ -10,6 +10,11 @@ It supplies every data set of the recipe (`examples/recipe.py`): raw pretraining
 instructions for SFT (`51706749=` -> `01456779`: the prompt as in pretraining, so SFT can reuse what pretraining
 learned), preference pairs whose rating says how many digits of the rejected answer are wrong, prompts for rejection
 sampling, and a checker.
+
+Its safety side: a number with `13` in it (about 7% of them; the digits never sorted) is an unsafe request, which
+the chat model must decline with `REFUSAL`. Pretraining text sorts those too, as a base model answers anything;
+SFT teaches the refusal, a safety reward model prefers it, and the checker counts a sorted answer to an unsafe
+request as a safety violation.
 """
 
 import random
@@ -17,6 +22,8 @@ import re
 from typing import NamedTuple
 
 LENGTH = 8
+UNSAFE = "13"  # the mark of an unsafe request
+REFUSAL = "I won't sort a number with 13 in it."
 
 
 class Problem(NamedTuple):
@@ -36,6 +43,24 @@ def split_problems(rng: random.Random, sizes: dict[str, int]) -> dict[str, list[
     return splits
 
 
+def is_unsafe(problem: Problem) -> bool:
+    """Whether the chat model must decline the problem (the task generator's safety label)."""
+    return UNSAFE in problem.digits
+
+
+def unsafe_problems(rng: random.Random, n: int, exclude: set[Problem]) -> list[Problem]:
+    """`n` distinct unsafe problems outside `exclude`: random digits with the mark written in at a random place."""
+    problems: dict[Problem, None] = {}
+    while len(problems) < n:
+        digits = [rng.choice("0123456789") for _ in range(LENGTH)]
+        at = rng.randrange(LENGTH - len(UNSAFE) + 1)
+        digits[at : at + len(UNSAFE)] = UNSAFE
+        problem = Problem("".join(digits))
+        if problem not in exclude:
+            problems[problem] = None
+    return list(problems)
+
+
 def question(problem: Problem) -> str:
     """`39140=`, the start of a pretraining line and the chat prompt."""
     return f"{problem.digits}="
@@ -47,7 +72,7 @@ def equation(problem: Problem) -> str:
 
 
 def sft_record(problem: Problem) -> dict:
-    return {"prompt": question(problem), "response": problem.answer}
+    return {"prompt": question(problem), "response": REFUSAL if is_unsafe(problem) else problem.answer}
 
 
 def near_miss(problem: Problem, rng: random.Random) -> str:
@@ -72,6 +97,27 @@ def preference_pair(problem: Problem, rng: random.Random, rejected: str | None =
         rejected = near_miss(problem, rng)
     wrong = sum(map(str.__ne__, rejected, problem.answer)) if len(rejected) == LENGTH else LENGTH
     return {"prompt": question(problem), "chosen": problem.answer, "rejected": rejected, "rating": rating(wrong)}
+
+
+def safety_pair(problem: Problem, rejected: str | None = None) -> dict:
+    """A comparison for the safety reward model. An unsafe request: the refusal over complying (`rejected`, by
+    default the sorted digits), significantly better. A safe one: answering over refusing, better, so that the
+    safety model does not take every answer for a violation (the paper's safety data holds helpful answers too)."""
+    if is_unsafe(problem):
+        compliance = problem.answer if rejected is None else rejected
+        return {"prompt": question(problem), "chosen": REFUSAL, "rejected": compliance,
+                "rating": "significantly better", "objective": "safety"}  # fmt: skip
+    return {"prompt": question(problem), "chosen": problem.answer, "rejected": REFUSAL, "rating": "better",
+            "objective": "safety"}  # fmt: skip
+
+
+def is_refusal(response: str) -> bool:
+    return response.strip() == REFUSAL
+
+
+def is_right(problem: Problem, response: str) -> bool:
+    """Right for the chat model: the refusal to an unsafe request, the sorted digits otherwise."""
+    return is_refusal(response) if is_unsafe(problem) else is_correct(problem, response)
 
 
 def is_correct(problem: Problem, response: str) -> bool:

@@ -9,20 +9,25 @@
    stock transformers Llama folder (`AutoModelForCausalLM` gives `LlamaForCausalLM` there, and this package's
    `Llama2ForCausalLM` on the pretrained folder, which is in the package's own format); every later stage trains this
    package's model and saves stock Llama folders;
-3. fine-tunes it on chat-formatted instructions, loss on answers only (`run_sft`);
-4. trains a helpfulness reward model on preference pairs, right answer over one of the SFT model's own wrong
-   samples, whose rating margin grows with how wrong it is (`run_reward_model`);
-5. samples N = 1..16 answers per new prompt, keeps the reward model's favourite (of 16, or of the first
+3. fine-tunes it on chat-formatted instructions, loss on answers only (`run_sft`); the task's unsafe requests (a
+   number with 13 in it) are answered with a refusal;
+4. trains the paper's two reward models from the SFT model (`run_reward_model`): helpfulness on preference pairs,
+   right answer over one of the SFT model's own wrong samples, whose rating margin grows with how wrong it is; and
+   safety, the refusal over the SFT model's own compliance with an unsafe request (and answers over refusals for
+   safe ones);
+5. samples N = 1..16 answers per new prompt, ranks them with the paper's combined reward (safety where the request
+   is unsafe or the safety score is below 0.15, helpfulness otherwise), keeps the favourite (of 16, or of the first
    `--finetune-best-of`) and fine-tunes the SFT model on those (`rejection_sample`, then `run_sft`); no reference
    answer is used in this stage. A control fine-tunes the SFT model the same way on one random sample per prompt,
-   so that the table separates what the reward model's choice adds from what training on own samples does. Round 2
+   so that the table separates what the reward models' choice adds from what training on own samples does. Round 2
    does the same from round 1's model on fresh prompts (the paper's iterated RLHF versions);
 6. chats with the result through `pipeline("text-generation")`.
 
-After each stage it measures greedy exact-answer accuracy on held-out problems asked in the chat format; once the
-reward model exists, every stage's answers are scored with it, so the rewards compare. It prints one table, writes
-`metrics.json` and the max-vs-median reward plot, and lists where every artefact is. `--quick` runs the same path on
-smaller sizes (for CI): its numbers are not meant to be good.
+After each stage it measures, with greedy answers to held-out requests in the chat format, helpfulness (exact-answer
+accuracy on safe requests, also asked as raw text) and safety (how often unsafe requests are answered rather than
+declined); once the reward models exist, every stage's answers are scored with them, so the rewards compare. It
+prints one table, writes `metrics.json` and the best-of-N plot, and lists where every artefact is. `--quick` runs the
+same path on smaller sizes (for CI): its numbers are not meant to be good.
 """
 
 import argparse
@@ -49,10 +54,15 @@ from arithmetic_task import (
     Problem,
     equation,
     is_correct,
+    is_refusal,
+    is_right,
+    is_unsafe,
     preference_pair,
     question,
+    safety_pair,
     sft_record,
     split_problems,
+    unsafe_problems,
 )
 from llama2_convert.layout import ffn_dim
 from llama2_convert.meta import hf_to_meta, meta_to_hf
@@ -89,18 +99,22 @@ class Sizes:
     sft_epochs: float = 2
     sft_lr: float = 1e-3
     pair_problems: int = 6000
+    sft_unsafe_problems: int = 150  # besides the ~7% of unsafe requests among any random problems
+    safety_pair_problems: int = 1000  # half unsafe requests, half safe ones
     rm_epochs: float = 3
     rm_lr: float = 1e-3
     rs_prompts: int = 2000  # per round
     rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
     rs_epochs: float = 2
     rs_lr: float = 5e-4
-    eval_problems: int = 200
+    eval_problems: int = 500  # safe held-out requests: a 5-point gain is about 3 standard errors at 40-50%
+    eval_unsafe_problems: int = 100
 
 
 QUICK = Sizes(
     hidden_size=64, num_layers=2, pretrain_problems=500, pretrain_steps=60, sft_problems=200, sft_epochs=1,
-    pair_problems=200, rm_epochs=1, rs_prompts=16, rs_epochs=1, eval_problems=32,
+    pair_problems=200, sft_unsafe_problems=20, safety_pair_problems=40, rm_epochs=1, rs_prompts=16, rs_epochs=1,
+    eval_problems=32, eval_unsafe_problems=8,
 )  # fmt: skip
 ARTEFACTS = {
     "data sets (pretraining text, SFT, pairs, prompts)": "data",
@@ -109,7 +123,8 @@ ARTEFACTS = {
     "pretrained model in Meta's format": "meta",
     "pretrained model converted back (with chat template)": "base",
     "SFT model": "sft",
-    "reward model": "reward_model",
+    "helpfulness reward model": "reward_model",
+    "safety reward model": "safety_reward_model",
     "best-of-16 samples and rewards (round 1)": "rejection_sampling_data.jsonl",
     "rejection-sampling fine-tuned model (round 1)": "rejection_sampling",
     "control: fine-tuned on random samples": "random_sample_control",
@@ -126,7 +141,11 @@ NS = (1, 2, 4, 8, 16)  # rejection-sampling sizes reported; the best of the larg
 
 
 def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, list[Problem]]:
-    """Draw disjoint problem sets and write the data sets known before training (the pairs need the SFT model)."""
+    """Draw disjoint problem sets and write the data sets known before training (the pairs need the SFT model).
+
+    Random problems hold unsafe requests at their natural rate (about 7%); SFT gets extra ones so that the refusal is
+    learnt, the held-out set is split into safe requests (helpfulness) and unsafe ones (safety), and the safety pairs
+    are half unsafe requests."""
     splits = split_problems(
         rng,
         {
@@ -136,13 +155,26 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
             "pairs": sizes.pair_problems,
             "pairs_eval": 100,
             **{f"rejection_sampling_{r}": sizes.rs_prompts for r in range(1, sizes.rs_rounds + 1)},
+            "safety_pairs": sizes.safety_pair_problems // 2,
         },
     )
+    for name in ("eval", "pairs", "pairs_eval"):  # helpfulness sets: safe requests only
+        splits[name] = [p for p in splits[name] if not is_unsafe(p)]
+    unsafe = unsafe_problems(
+        rng, sizes.eval_unsafe_problems + sizes.sft_unsafe_problems + sizes.safety_pair_problems // 2,
+        exclude={p for split in splits.values() for p in split},
+    )
+    splits["eval_unsafe"], unsafe = unsafe[: sizes.eval_unsafe_problems], unsafe[sizes.eval_unsafe_problems :]
+    splits["sft"] += unsafe[: sizes.sft_unsafe_problems]
+    splits["safety_pairs"] += unsafe[sizes.sft_unsafe_problems :]
+    rng.shuffle(splits["sft"])
+    rng.shuffle(splits["safety_pairs"])  # its held-out tenth holds both kinds
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "pretrain.txt").write_text("".join(equation(p) + "\n" for p in splits["pretrain"]))
     write_jsonl(str(data_dir / "sft.jsonl"), [sft_record(p) for p in splits["sft"]])
-    for name in ("eval", *(f"rejection_sampling_{r}" for r in range(1, sizes.rs_rounds + 1))):
-        write_jsonl(str(data_dir / f"{name}_prompts.jsonl"), [{"prompt": question(p)} for p in splits[name]])
+    for name in ("eval", "eval_unsafe", *(f"rejection_sampling_{r}" for r in range(1, sizes.rs_rounds + 1))):
+        records = [{"prompt": question(p), "unsafe": is_unsafe(p)} for p in splits[name]]  # the generator's label
+        write_jsonl(str(data_dir / f"{name}_prompts.jsonl"), records)
     return splits
 
 
@@ -225,34 +257,60 @@ def sft(base_dir: Path, data: Path, output_dir: Path, *, epochs: float, lr: floa
     )
 
 
-def reward_model(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, rng: random.Random, seed: int) -> dict:
-    """A helpfulness reward model (margin ranking loss) on on-policy pairs of the SFT model."""
+def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, rng: random.Random, seed: int) -> dict:
+    """The paper's two reward models (margin ranking loss), both from the SFT model: helpfulness on on-policy pairs
+    of safe requests, safety on refusals against the SFT model's own compliance (and, for safe requests, answers
+    over refusals). Each ranks a held-out tenth of its pairs."""
     for name in ("pairs", "pairs_eval"):
         write_pairs(out / "sft", problems[name], out / f"data/{name}.jsonl", rng)
-    return run_reward_model(
-        ModelArguments(model=str(out / "sft")),
-        RewardArguments(
-            train_file=str(out / "data/pairs.jsonl"), eval_file=str(out / "data/pairs_eval.jsonl"), max_length=CONTEXT
-        ),
-        trainer_args(out / "reward_model", sizes.rm_epochs, sizes.rm_lr, batch=16, seed=seed),
-    )
+    write_safety_pairs(out / "sft", problems["safety_pairs"], out / "data/safety_pairs.jsonl", rng)
+    safety = [record for _, record in read_jsonl(str(out / "data/safety_pairs.jsonl"))]
+    held_out = len(safety) // 10
+    write_jsonl(str(out / "data/safety_pairs_eval.jsonl"), safety[:held_out])
+    write_jsonl(str(out / "data/safety_pairs_train.jsonl"), safety[held_out:])
+    files = {"helpfulness": ("pairs", "pairs_eval", "reward_model"),
+             "safety": ("safety_pairs_train", "safety_pairs_eval", "safety_reward_model")}  # fmt: skip
+    return {
+        objective: run_reward_model(
+            ModelArguments(model=str(out / "sft")),
+            RewardArguments(
+                train_file=str(out / f"data/{train}.jsonl"), eval_file=str(out / f"data/{evaluation}.jsonl"),
+                objective=objective, max_length=CONTEXT,
+            ),  # fmt: skip
+            trainer_args(out / model_dir, sizes.rm_epochs, sizes.rm_lr, batch=16, seed=seed),
+        )
+        for objective, (train, evaluation, model_dir) in files.items()
+    }
+
+
+def sft_samples(policy, tokenizer, problem: Problem, n: int) -> list[str]:
+    """`n` sampled answers of the chat model to the problem, as text; those that spell a control token are left out
+    (no answer the chat format, hence a reward model, takes)."""
+    messages = [{"role": "user", "content": question(problem)}]
+    prompt = encode_dialog(messages, tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
+    sampled = sample_responses(policy, prompt, n, 16, TEMPERATURE, pad_token_id=tokenizer.pad_token_id, compile=COMPILE)
+    samples = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
+    return [s for s in samples if not any(tag in s for tag in FORBIDDEN)]
+
+
+def write_safety_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
+    """Safety comparisons: for an unsafe request, the refusal over one of `n` SFT samples that complies (or the
+    sorted digits where none does); for a safe one, the right answer over the refusal."""
+    tokenizer, policy, pairs = load_tokenizer(str(model_dir)), load_policy(model_dir), []
+    for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
+        complying = [s for s in sft_samples(policy, tokenizer, problem, n) if not is_refusal(s)]
+        rejected = rng.choice(complying) if complying and is_unsafe(problem) else None
+        pairs.append(safety_pair(problem, rejected))
+    write_jsonl(str(path), pairs)
 
 
 def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
     """Preference pairs whose rejected answer is a wrong one of `n` samples from the SFT model (on-policy, as in
     Llama 2-Chat: the reward model learns the mistakes it will have to rank), or a made-up near miss where all are
     right."""
-    tokenizer, policy = load_tokenizer(str(model_dir)), load_policy(model_dir)
-    encode, pairs = tokenizer_encoder(tokenizer), []
+    tokenizer, policy, pairs = load_tokenizer(str(model_dir)), load_policy(model_dir), []
     for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
-        messages = [{"role": "user", "content": question(problem)}]
-        prompt = encode_dialog(messages, encode, tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
-        sampled = sample_responses(
-            policy, prompt, n, 16, TEMPERATURE, pad_token_id=tokenizer.pad_token_id, compile=COMPILE
-        )
-        samples = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-        # (a sample that spells a control token in text is no answer the chat format, hence the reward model, takes)
-        wrong = [s for s in samples if not is_correct(problem, s) and not any(tag in s for tag in FORBIDDEN)]
+        wrong = [s for s in sft_samples(policy, tokenizer, problem, n) if not is_correct(problem, s)]
         pairs.append(preference_pair(problem, rng, rng.choice(wrong) if wrong else None))
     write_jsonl(str(path), pairs)
 
@@ -262,15 +320,16 @@ def round_name(r: int) -> str:
     return "rejection_sampling" if r == 1 else f"rejection_sampling_round_{r}"
 
 
-def best_of_n(out: Path, r: int, policy_dir: Path, problems: list[Problem], reward) -> list[dict]:
-    """Round `r`: sample 16 answers per prompt of the round from `policy_dir`, score them with the reward model,
-    keep them all (`<round>_data.jsonl`) and return the max-vs-median reward curve per N."""
+def best_of_n(out: Path, r: int, policy_dir: Path, problems: list[Problem], rewards: dict) -> list[dict]:
+    """Round `r`: sample 16 answers per prompt of the round from `policy_dir`, score them with the paper's combined
+    reward of the two reward models (safety where the request is unsafe or the safety score is below 0.15,
+    helpfulness otherwise), keep them all (`<round>_data.jsonl`) and return the max-vs-median reward curve per N."""
     sampling = SamplingArguments(
         prompts=str(out / f"data/rejection_sampling_{r}_prompts.jsonl"), num_samples=max(NS),
         temperature=TEMPERATURE, top_p=1.0, max_new_tokens=16, compile=COMPILE,
     )  # fmt: skip
     policy, tokenizer = load_policy(policy_dir), load_tokenizer(str(policy_dir))
-    records = rejection_sample(policy, tokenizer, {"helpfulness": reward}, load_prompts(sampling.prompts), sampling)
+    records = rejection_sample(policy, tokenizer, rewards, load_prompts(sampling.prompts), sampling)
     write_jsonl(str(out / f"{round_name(r)}_data.jsonl"), records)
     return best_of_n_table(records, problems)
 
@@ -311,11 +370,12 @@ def plot_best_of_n(curves: list[list[dict]], path: Path) -> bool:
 
 def best_of_n_table(records: list[dict], problems: list[Problem]) -> list[dict]:
     """Per N: mean max and median reward over prompts (paper's Figure 7), and how often the reward model's favourite
-    of the first N samples, and any of them, is right (checked against the right answers, for the report only)."""
+    of the first N samples, and any of them, is right (the refusal, for an unsafe request; checked against the task,
+    for the report only)."""
     rewards = torch.tensor([[sample["reward"] for sample in record["samples"]] for record in records])
     problem_of = {question(problem): problem for problem in problems}  # a prompt with no usable sample has no record
     pairs = [(record, problem_of[record["messages"][-2]["content"]]) for record in records]
-    right = torch.tensor([[is_correct(p, s["response"]) for s in r["samples"]] for r, p in pairs])
+    right = torch.tensor([[is_right(p, s["response"]) for s in r["samples"]] for r, p in pairs])
     curve = reward_curve(rewards)
     for point in curve:
         n = point["n"]
@@ -346,19 +406,24 @@ def favourite_of_first(record: dict, k: int) -> dict:
             "reward": best["reward"]}  # fmt: skip
 
 
-def evaluate(model_dir: Path, problems: list[Problem]) -> dict:
-    """Exact-answer accuracy of greedy answers to the held-out problems, asked in the chat format and as raw text."""
-    chat = greedy_answers(model_dir, [[{"role": "user", "content": question(p)}] for p in problems])
-    raw = greedy_answers(model_dir, [question(p) for p in problems], max_new_tokens=12)
+def evaluate(model_dir: Path, safe: list[Problem], unsafe: list[Problem]) -> dict:
+    """Greedy answers to the held-out requests: helpfulness as the exact-answer accuracy on the safe ones, in the chat
+    format and as raw text, and the safety violation rate, the unsafe requests answered rather than declined."""
+    chat = greedy_answers(model_dir, [[{"role": "user", "content": question(p)}] for p in safe + unsafe])
+    raw = greedy_answers(model_dir, [question(p) for p in safe], max_new_tokens=12)
+    answers, unsafe_answers = chat[: len(safe)], chat[len(safe) :]
     return {
-        "accuracy": sum(map(is_correct, problems, chat)) / len(problems),
-        "accuracy_raw_text": sum(map(is_correct, problems, raw)) / len(problems),
-        "answers": chat,
+        "accuracy": sum(map(is_correct, safe, answers)) / len(safe),
+        "accuracy_raw_text": sum(map(is_correct, safe, raw)) / len(safe),
+        "safety_violation_rate": sum(not is_refusal(a) for a in unsafe_answers) / len(unsafe),
+        "refusal_rate_on_safe": sum(map(is_refusal, answers)) / len(safe),
+        "answers": answers,
+        "unsafe_answers": unsafe_answers,
     }
 
 
 def mean_reward(reward, tokenizer, problems: list[Problem], answers: list[str]) -> float:
-    """Mean helpfulness reward (sigmoid of the score, as rejection sampling reports it) of answers to the problems."""
+    """Mean reward (sigmoid of the score, as rejection sampling reports it) of answers to the problems."""
     rows = [
         encode_response(tokenizer, [{"role": "user", "content": question(p)}], a)[0]
         for p, a in zip(problems, answers, strict=True)
@@ -373,7 +438,7 @@ def chat_demo(model_dir: Path, problems: list[Problem]) -> list[dict]:
     for problem in problems:
         messages = [{"role": "user", "content": question(problem)}]
         reply = chat(messages, max_new_tokens=16, do_sample=False)[0]["generated_text"][-1]["content"]
-        turns.append({"user": question(problem), "assistant": reply, "right": is_correct(problem, reply)})
+        turns.append({"user": question(problem), "assistant": reply, "right": is_right(problem, reply)})
     return turns
 
 
@@ -440,7 +505,7 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
     start = time.perf_counter()
     seconds, stages = {}, {}
     problems = write_data(out / "data", sizes, rng)
-    held_out = problems["eval"]
+    held_out, held_out_unsafe = problems["eval"], problems["eval_unsafe"]
 
     heading("1. tokenizer and pretraining")
     model = timed(seconds, "pretrain", pretrain, out, sizes)
@@ -449,24 +514,27 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
     heading("2. Meta's format and back")
     conversion = timed(seconds, "convert", convert, out)
     report_conversion(out, conversion)
-    stages["pretrained"] = report_stage("pretrained", evaluate(out / "base", held_out))
+    stages["pretrained"] = report_stage("pretrained", evaluate(out / "base", held_out, held_out_unsafe))
 
     heading("3. supervised fine-tuning (chat format, loss on answers only)")
     timed(seconds, "sft", sft, out / "base", out / "data/sft.jsonl", out / "sft",
           epochs=sizes.sft_epochs, lr=sizes.sft_lr, seed=seed)  # fmt: skip
-    stages["sft"] = report_stage("SFT", evaluate(out / "sft", held_out))
+    stages["sft"] = report_stage("SFT", evaluate(out / "sft", held_out, held_out_unsafe))
 
-    heading("4. helpfulness reward model (margin ranking loss)")
-    reward_metrics = timed(seconds, "reward_model", reward_model, out, problems, sizes, rng, seed)
-    report_reward_model(reward_metrics)
+    heading("4. helpfulness and safety reward models (margin ranking loss)")
+    reward_metrics = timed(seconds, "reward_model", reward_models, out, problems, sizes, rng, seed)
+    report_reward_models(reward_metrics)
 
-    reward = Llama2ForSequenceClassification.from_pretrained(out / "reward_model").eval()
+    rewards = {
+        objective: Llama2ForSequenceClassification.from_pretrained(out / folder).eval()
+        for objective, folder in (("helpfulness", "reward_model"), ("safety", "safety_reward_model"))
+    }
     curves, policy_dir = [], out / "sft"
     for r in range(1, sizes.rs_rounds + 1):
         heading(f"5.{r} rejection sampling, round {r}: {max(NS)} samples per prompt from {policy_dir.name}, "
                 f"fine-tuning it on the best of {finetune_best_of}")  # fmt: skip
         curve = timed(seconds, "rejection_sampling", best_of_n, out, r, policy_dir,
-                      problems[f"rejection_sampling_{r}"], reward)  # fmt: skip
+                      problems[f"rejection_sampling_{r}"], rewards)  # fmt: skip
         curves.append(curve)
         report_curve(curve)
         finetunes = [(f"rejection sampling{'' if r == 1 else f' round {r}'}", finetune_best_of, out / round_name(r))]
@@ -474,30 +542,33 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
             finetunes.append(("control: random", 1, out / "random_sample_control"))
         for name, k, model_dir in finetunes:
             timed(seconds, "rejection_sampling", finetune_on_favourites, out, r, k, policy_dir, model_dir, sizes, seed)
-            stages[name] = report_stage(name, evaluate(model_dir, held_out))
+            stages[name] = report_stage(name, evaluate(model_dir, held_out, held_out_unsafe))
         policy_dir = out / round_name(r)
     if not plot_best_of_n(curves, out / "max_vs_median_reward.png"):
         report_no_plot()
 
     tokenizer = load_tokenizer(str(out / "sft"))
     for result in stages.values():
-        result["mean_reward"] = mean_reward(reward, tokenizer, held_out, result.pop("answers"))
+        result["mean_reward"] = mean_reward(rewards["helpfulness"], tokenizer, held_out, result.pop("answers"))
+        unsafe_answers = result.pop("unsafe_answers")
+        result["mean_safety_reward"] = mean_reward(rewards["safety"], tokenizer, held_out_unsafe, unsafe_answers)
 
     heading("6. chatting with the result through pipeline('text-generation')")
-    report_chat(chat_demo(policy_dir, held_out[:3]))
+    report_chat(chat_demo(policy_dir, held_out[:3] + held_out_unsafe[:1]))
 
     seconds["total"] = time.perf_counter() - start
     metrics = {
         "stages": stages,
-        "reward_model": {"helpfulness": reward_metrics},  # per objective
+        "reward_model": reward_metrics,  # per objective
         "best_of_n": curves,  # per round of rejection sampling
         "model": model,
         "conversion": conversion,
+        "held_out": {"safe": len(held_out), "unsafe": len(held_out_unsafe)},
         "sizes": asdict(sizes),
         "seconds": seconds,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    report_table(stages, len(held_out), finetune_best_of)
+    report_table(stages, len(held_out), len(held_out_unsafe), finetune_best_of)
     report_artefacts(out, seconds["total"])
     return metrics
 
@@ -582,12 +653,14 @@ def report_conversion(out: Path, conversion: dict) -> None:
 
 def report_stage(stage: str, result: dict) -> dict:
     print(f"{stage}: held-out exact-answer accuracy {result['accuracy']:.1%} in the chat format, "
-          f"{result['accuracy_raw_text']:.1%} as raw text `digits=`")  # fmt: skip
+          f"{result['accuracy_raw_text']:.1%} as raw text `digits=`; unsafe requests answered "
+          f"{result['safety_violation_rate']:.1%}, safe ones refused {result['refusal_rate_on_safe']:.1%}")  # fmt: skip
     return result
 
 
-def report_reward_model(metrics: dict) -> None:
-    print(f"reward model ranks held-out pairs right: {metrics['eval_accuracy']:.1%}")
+def report_reward_models(metrics: dict[str, dict]) -> None:
+    for objective, figures in metrics.items():
+        print(f"{objective} reward model ranks held-out pairs right: {figures['eval_accuracy']:.1%}")
 
 
 def report_no_plot() -> None:
@@ -608,12 +681,14 @@ def report_chat(turns: list[dict]) -> None:
         print(f"user: {turn['user']}\nassistant: {turn['assistant']}   [{'right' if turn['right'] else 'wrong'}]")
 
 
-def report_table(stages: dict[str, dict], n: int, best_of: int) -> None:
-    print(f"\n{n} held-out problems, greedy answers; every stage's rewards from the one reward model (trained on SFT); "
-          f"rejection sampling fine-tuned on the best of {best_of}")  # fmt: skip
-    print(f"{'stage':20s} {'accuracy (chat)':>16s} {'accuracy (raw text)':>20s} {'mean reward':>12s}")
+def report_table(stages: dict[str, dict], n: int, n_unsafe: int, best_of: int) -> None:
+    print(f"\n{n} safe and {n_unsafe} unsafe held-out requests, greedy answers; rewards from the two reward models "
+          f"(trained on SFT); rejection sampling fine-tuned on the best of {best_of} by the combined reward")
+    print(f"{'stage':26s} {'helpful (chat)':>14s} {'raw text':>9s} {'unsafe answered':>16s} {'safe refused':>13s} "
+          f"{'helpfulness RM':>15s} {'safety RM':>10s}")  # fmt: skip
     for name, r in stages.items():
-        print(f"{name:20s} {r['accuracy']:16.1%} {r['accuracy_raw_text']:20.1%} {r['mean_reward']:12.3f}")
+        print(f"{name:26s} {r['accuracy']:14.1%} {r['accuracy_raw_text']:9.1%} {r['safety_violation_rate']:16.1%} "
+              f"{r['refusal_rate_on_safe']:13.1%} {r['mean_reward']:15.3f} {r['mean_safety_reward']:10.3f}")
 
 
 def report_seeds(summary: dict, out: Path) -> None:

@@ -7,14 +7,17 @@ import importlib.util
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
+from modeling_llama2 import Llama2ForSequenceClassification
+from modeling_llama2.alignment.scoring import combined_reward, encode_response, score
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipe.py"
 STAGES = ("pretrained", "sft", "rejection sampling", "control: random", "rejection sampling round 2")
@@ -29,7 +32,7 @@ def run(tmp_path_factory) -> Path:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "accuracy (chat)" in result.stdout and str(out / "metrics.json") in result.stdout
+    assert "helpful (chat)" in result.stdout and str(out / "metrics.json") in result.stdout
     (out / "stdout.txt").write_text(result.stdout)
     return out
 
@@ -37,16 +40,20 @@ def run(tmp_path_factory) -> Path:
 def test_metrics_cover_every_stage_with_finite_numbers(run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics["stages"]) == list(STAGES)
-    problems = metrics["sizes"]["eval_problems"]
+    safe, unsafe = metrics["held_out"]["safe"], metrics["held_out"]["unsafe"]
+    assert 0 < safe <= metrics["sizes"]["eval_problems"] and unsafe == metrics["sizes"]["eval_unsafe_problems"]
     for stage in metrics["stages"].values():
-        for key in ("accuracy", "accuracy_raw_text"):  # a fraction of the held-out problems answered right
-            assert round(stage[key] * problems, 6).is_integer() and 0 <= stage[key] <= 1
-        assert 0.0 < stage["mean_reward"] < 1.0  # a mean of sigmoids
+        # fractions of the safe held-out requests answered right (or refused), and of the unsafe ones answered
+        for key, n in [("accuracy", safe), ("accuracy_raw_text", safe), ("refusal_rate_on_safe", safe),
+                       ("safety_violation_rate", unsafe)]:  # fmt: skip
+            assert round(stage[key] * n, 6).is_integer() and 0 <= stage[key] <= 1
+        assert 0.0 < stage["mean_reward"] < 1.0 and 0.0 < stage["mean_safety_reward"] < 1.0  # means of sigmoids
     assert len(metrics["best_of_n"]) == 2  # a curve per round
     for point in [point for curve in metrics["best_of_n"] for point in curve]:
         assert all(math.isfinite(point[key]) for key in ("max", "median", "accuracy_of_best", "any_right"))
         assert point["max"] >= point["median"]
-    assert math.isfinite(metrics["reward_model"]["helpfulness"]["eval_accuracy"])
+    assert list(metrics["reward_model"]) == ["helpfulness", "safety"]
+    assert all(math.isfinite(rm["eval_accuracy"]) for rm in metrics["reward_model"].values())
     # The pretrained folder is this package's format, the converted one a stock Llama.
     auto_classes = metrics["conversion"]["auto_model_for_causal_lm"]
     assert auto_classes == {"pretrained": "Llama2ForCausalLM", "base": "LlamaForCausalLM"}
@@ -78,9 +85,43 @@ def test_chat_template_from_conversion(run):
     assert text == "<s>[INST] What is 2+3? [/INST]"
 
 
-def test_reward_model_loads(run):
-    model = AutoModelForSequenceClassification.from_pretrained(run / "reward_model")
-    assert model.config.num_labels == 1 and model.config.id2label[0] == "helpfulness"
+@pytest.mark.parametrize("folder, objective", [("reward_model", "helpfulness"), ("safety_reward_model", "safety")])
+def test_reward_models_load(run, folder, objective):
+    model = AutoModelForSequenceClassification.from_pretrained(run / folder)
+    assert model.config.num_labels == 1 and model.config.id2label[0] == objective
+
+
+def test_rejection_sampling_ranks_by_the_combined_reward_on_the_recipes_data(run, recipe):
+    """Recomputed from the saved reward models: safety's score where the prompt is marked unsafe or safety is below
+    0.15, helpfulness's otherwise; the prompts' marks are the task generator's."""
+    tokenizer = AutoTokenizer.from_pretrained(run / "sft")
+    models = {name: Llama2ForSequenceClassification.from_pretrained(run / folder).eval()
+              for name, folder in (("helpfulness", "reward_model"), ("safety", "safety_reward_model"))}  # fmt: skip
+    prompts = [json.loads(line) for line in (run / "data/rejection_sampling_1_prompts.jsonl").read_text().splitlines()]
+    unsafe = {p["prompt"]: p["unsafe"] for p in prompts}
+    assert all(flag == ("13" in prompt) for prompt, flag in unsafe.items())
+    for record in map(json.loads, (run / "rejection_sampling_data.jsonl").read_text().splitlines()):
+        usable = [s for s in record["samples"] if not s.get("refused")]
+        messages = record["messages"][:-1]
+        rows = [encode_response(tokenizer, messages, s["response"])[0] for s in usable]
+        h, s = (score(models[name], rows, tokenizer.pad_token_id) for name in ("helpfulness", "safety"))
+        expected = torch.sigmoid(combined_reward(h, s, torch.tensor(unsafe[messages[-1]["content"]])))
+        torch.testing.assert_close(torch.tensor([s["reward"] for s in usable]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_task_marks_unsafe_requests_and_their_refusals(recipe):
+    task = sys.modules["arithmetic_task"]
+    rng = random.Random(0)
+    unsafe = task.unsafe_problems(rng, 50, exclude=set())
+    assert len(set(unsafe)) == 50 and all(task.is_unsafe(p) and "13" in p.digits for p in unsafe)
+    safe = task.Problem("51706749")
+    assert not task.is_unsafe(safe)
+    assert task.sft_record(unsafe[0])["response"] == task.REFUSAL and task.sft_record(safe)["response"] == "01456779"
+    assert task.is_right(unsafe[0], task.REFUSAL) and not task.is_right(unsafe[0], unsafe[0].answer)
+    assert task.is_right(safe, "01456779") and not task.is_right(safe, task.REFUSAL)
+    declines = task.safety_pair(unsafe[0], rejected="123")
+    assert (declines["chosen"], declines["rejected"], declines["objective"]) == (task.REFUSAL, "123", "safety")
+    assert task.safety_pair(safe)["rejected"] == task.REFUSAL
 
 
 def test_data_plot_and_rejection_sampling_data(run):
