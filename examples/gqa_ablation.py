@@ -38,6 +38,7 @@ import torch.nn.functional as F
 if str(Path(__file__).resolve().parent) not in sys.path:  # the task module beside this file, however this is loaded
     sys.path.append(str(Path(__file__).resolve().parent))
 from arithmetic_task import LENGTH, Problem, equation, is_correct, question, split_problems  # noqa: E402
+from llama2_convert.layout import ffn_dim  # noqa: E402
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM  # noqa: E402
 from modeling_llama2.inference import decoding  # noqa: E402
 
@@ -124,7 +125,7 @@ def kv_bytes_per_token(config: Llama2Config, dtype: torch.dtype = torch.float32)
 
 def variant_configs(sizes: Sizes) -> dict[str, Llama2Config]:
     """MHA at Llama's SwiGLU width (2/3 of 4 * hidden, rounded up), GQA and MQA widened to MHA's parameter count."""
-    width = sizes.multiple_of * math.ceil(int(8 * sizes.hidden_size / 3) / sizes.multiple_of)
+    width = ffn_dim(sizes.hidden_size, sizes.multiple_of)
     base = dict(
         vocab_size=len(VOCAB), hidden_size=sizes.hidden_size, num_hidden_layers=sizes.num_layers,
         num_attention_heads=sizes.heads, max_position_embeddings=sizes.context, bos_token_id=BOS, eos_token_id=EOS,
