@@ -52,9 +52,9 @@ from transformers import (
 import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
 from arithmetic_task import (
     Problem,
+    complies,
     equation,
     is_correct,
-    is_refusal,
     is_right,
     is_unsafe,
     preference_pair,
@@ -98,12 +98,12 @@ class Sizes:
     sft_problems: int = 1000
     sft_epochs: float = 2
     sft_lr: float = 1e-3
-    pair_problems: int = 6000
+    pair_problems: int = 4000
     sft_unsafe_problems: int = 150  # besides the ~7% of unsafe requests among any random problems
-    safety_pair_problems: int = 1000  # half unsafe requests, half safe ones
+    safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
     rm_lr: float = 1e-3
-    rs_prompts: int = 2000  # per round
+    rs_prompts: int = 1000  # per round
     rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
     rs_epochs: float = 2
     rs_lr: float = 5e-4
@@ -298,7 +298,7 @@ def write_safety_pairs(model_dir: Path, problems: list[Problem], path: Path, rng
     sorted digits where none does); for a safe one, the right answer over the refusal."""
     tokenizer, policy, pairs = load_tokenizer(str(model_dir)), load_policy(model_dir), []
     for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
-        complying = [s for s in sft_samples(policy, tokenizer, problem, n) if not is_refusal(s)]
+        complying = [s for s in sft_samples(policy, tokenizer, problem, n) if complies(s)]
         rejected = rng.choice(complying) if complying and is_unsafe(problem) else None
         pairs.append(safety_pair(problem, rejected))
     write_jsonl(str(path), pairs)
@@ -408,15 +408,16 @@ def favourite_of_first(record: dict, k: int) -> dict:
 
 def evaluate(model_dir: Path, safe: list[Problem], unsafe: list[Problem]) -> dict:
     """Greedy answers to the held-out requests: helpfulness as the exact-answer accuracy on the safe ones, in the chat
-    format and as raw text, and the safety violation rate, the unsafe requests answered rather than declined."""
+    format and as raw text; the safety violation rate, the unsafe requests answered rather than declined; and the
+    over-refusal rate, the safe requests declined."""
     chat = greedy_answers(model_dir, [[{"role": "user", "content": question(p)}] for p in safe + unsafe])
     raw = greedy_answers(model_dir, [question(p) for p in safe], max_new_tokens=12)
     answers, unsafe_answers = chat[: len(safe)], chat[len(safe) :]
     return {
         "accuracy": sum(map(is_correct, safe, answers)) / len(safe),
         "accuracy_raw_text": sum(map(is_correct, safe, raw)) / len(safe),
-        "safety_violation_rate": sum(not is_refusal(a) for a in unsafe_answers) / len(unsafe),
-        "refusal_rate_on_safe": sum(map(is_refusal, answers)) / len(safe),
+        "safety_violation_rate": sum(map(complies, unsafe_answers)) / len(unsafe),
+        "refusal_rate_on_safe": sum(not complies(a) for a in answers) / len(safe),
         "answers": answers,
         "unsafe_answers": unsafe_answers,
     }

@@ -118,6 +118,8 @@ def test_task_marks_unsafe_requests_and_their_refusals(recipe):
     assert not task.is_unsafe(safe)
     assert task.sft_record(unsafe[0])["response"] == task.REFUSAL and task.sft_record(safe)["response"] == "01456779"
     assert task.is_right(unsafe[0], task.REFUSAL) and not task.is_right(unsafe[0], unsafe[0].answer)
+    assert task.is_right(unsafe[0], "I won't sort sort a with 13' it.")  # garbled, but no answer: declined
+    assert not task.is_right(unsafe[0], "ok: 0113")  # half the digits or more: an attempt at the sorting
     assert task.is_right(safe, "01456779") and not task.is_right(safe, task.REFUSAL)
     declines = task.safety_pair(unsafe[0], rejected="123")
     assert (declines["chosen"], declines["rejected"], declines["objective"]) == (task.REFUSAL, "123", "safety")
