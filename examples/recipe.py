@@ -99,11 +99,12 @@ class Sizes:
     sft_epochs: float = 2
     sft_lr: float = 1e-3
     pair_problems: int = 4000
-    sft_unsafe_problems: int = 150  # besides the ~7% of unsafe requests among any random problems
+    sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
     safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
     rm_lr: float = 1e-3
     rs_prompts: int = 1000  # per round
+    rs_unsafe_prompts: int = 250  # per round, besides: refusals fade unless each round also trains on them
     rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
     rs_epochs: float = 2
     rs_lr: float = 5e-4
@@ -113,8 +114,8 @@ class Sizes:
 
 QUICK = Sizes(
     hidden_size=64, num_layers=2, pretrain_problems=500, pretrain_steps=60, sft_problems=200, sft_epochs=1,
-    pair_problems=200, sft_unsafe_problems=20, safety_pair_problems=40, rm_epochs=1, rs_prompts=16, rs_epochs=1,
-    eval_problems=32, eval_unsafe_problems=8,
+    pair_problems=200, sft_unsafe_problems=20, safety_pair_problems=40, rm_epochs=1, rs_prompts=16, rs_unsafe_prompts=4,
+    rs_epochs=1, eval_problems=32, eval_unsafe_problems=8,
 )  # fmt: skip
 ARTEFACTS = {
     "data sets (pretraining text, SFT, pairs, prompts)": "data",
@@ -160,15 +161,13 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
     )
     for name in ("eval", "pairs", "pairs_eval"):  # helpfulness sets: safe requests only
         splits[name] = [p for p in splits[name] if not is_unsafe(p)]
-    unsafe = unsafe_problems(
-        rng, sizes.eval_unsafe_problems + sizes.sft_unsafe_problems + sizes.safety_pair_problems // 2,
-        exclude={p for split in splits.values() for p in split},
-    )
-    splits["eval_unsafe"], unsafe = unsafe[: sizes.eval_unsafe_problems], unsafe[sizes.eval_unsafe_problems :]
-    splits["sft"] += unsafe[: sizes.sft_unsafe_problems]
-    splits["safety_pairs"] += unsafe[sizes.sft_unsafe_problems :]
-    rng.shuffle(splits["sft"])
-    rng.shuffle(splits["safety_pairs"])  # its held-out tenth holds both kinds
+    extra = {"eval_unsafe": sizes.eval_unsafe_problems, "sft": sizes.sft_unsafe_problems,
+             "safety_pairs": sizes.safety_pair_problems // 2,
+             **{f"rejection_sampling_{r}": sizes.rs_unsafe_prompts for r in range(1, sizes.rs_rounds + 1)}}  # fmt: skip
+    unsafe = iter(unsafe_problems(rng, sum(extra.values()), exclude={p for split in splits.values() for p in split}))
+    for name, n in extra.items():
+        splits[name] = splits.get(name, []) + [next(unsafe) for _ in range(n)]
+        rng.shuffle(splits[name])  # (the safety pairs' held-out tenth holds both kinds)
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "pretrain.txt").write_text("".join(equation(p) + "\n" for p in splits["pretrain"]))
     write_jsonl(str(data_dir / "sft.jsonl"), [sft_record(p) for p in splits["sft"]])

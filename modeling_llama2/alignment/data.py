@@ -7,7 +7,6 @@ Bad data is an `InputError` naming the record: `FILE:LINE` for a local JSON Line
 import functools
 import gzip
 import itertools
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, IterableDataset, load_dataset, load_from_disk
 
-from .training import InputError
+from .training import InputError, json_record
 
 Data = Dataset | IterableDataset
 # `load_dataset`'s builder for each file extension (after a compression suffix, which it undoes itself).
@@ -91,15 +90,10 @@ def json_problem(path: str) -> str | None:
     try:
         with open_text(path) as f:
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f"{path}:{line_no}: not valid JSON ({e}); write one JSON object per line."
-                if not isinstance(record, dict):
-                    kind = type(record).__name__
-                    return f"{path}:{line_no}: a JSON {kind} where a record belongs; write one JSON object per line."
+                if line.strip():
+                    json_record(line, f"{path}:{line_no}")
+    except InputError as e:
+        return str(e)
     except UnicodeDecodeError as e:
         return f"{path}: not UTF-8 text ({e})."
     return None

@@ -86,6 +86,18 @@ def parse_args(*dataclass_types: type, argv: Sequence[str] | None = None, **defa
     return (*script_args, training_args)
 
 
+def json_record(line: str, where: str) -> dict:
+    """One JSON Lines record, or an `InputError` at `where` (`path:line`) saying why it is none."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e}); write one JSON object per line.") from e
+    if not isinstance(record, dict):
+        kind = type(record).__name__
+        raise InputError(f"{where}: a JSON {kind} where a record belongs; write one JSON object per line.")
+    return record
+
+
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
     """Yield `(line number, record)` for every non-blank line, checking the fields every record needs."""
     if not os.path.isfile(path):
@@ -94,15 +106,7 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[tuple[int,
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{line_no}: not valid JSON ({e}); write one JSON object per line.") from e
-            if not isinstance(record, dict):
-                raise InputError(
-                    f"{path}:{line_no}: a JSON {type(record).__name__} where a record belongs; write one JSON object "
-                    "per line."
-                )
+            record = json_record(line, f"{path}:{line_no}")
             missing = [key for key in required if key not in record]
             if missing:
                 raise InputError(
