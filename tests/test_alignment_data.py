@@ -157,7 +157,8 @@ def test_several_ranks_without_use_cpu_are_refused(tmp_path, model_dir):
     )  # fmt: skip
     assert result.returncode != 0 and not (tmp_path / "out").exists()
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all(e.startswith("error: launched as 2 processes") for e in errors), result.stderr
+    # torchrun stops the other rank once one exits, so it may not get to print its own line
+    assert 1 <= len(errors) <= 2 and all(e.startswith("error: launched as 2 processes") for e in errors), result.stderr
     assert "pass --use-cpu" in errors[0] and "exitcode  : 2" in result.stderr
 
 
