@@ -46,3 +46,22 @@ def cheap_compile(monkeypatch):
     graph). For tests of the decode loop's logic; the tests of the kernels themselves keep inductor."""
     step = torch.compile(decoding.decode_step, backend="eager", fullgraph=True, dynamic=False)
     monkeypatch.setattr(decoding, "compiled_decode_step", step)
+
+
+# The first lines of a script run in a fresh process that must not see this package (remote code, stock loading):
+# an import of it fails there, as where it is not installed, though the editable install puts it on the path.
+HIDE_PACKAGE = """
+import importlib.abc, sys
+
+class NoLocalPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_llama2", "llama2_convert"):
+            raise ImportError(f"{name} is hidden from this process")
+
+sys.meta_path.insert(0, NoLocalPackage())
+try:
+    import modeling_llama2
+    raise SystemExit("the package is importable: this test would prove nothing")
+except ImportError:
+    pass
+"""

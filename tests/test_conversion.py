@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaF
 import modeling_llama2
 from llama2_convert.__main__ import main
 
+from .conftest import HIDE_PACKAGE
 from .llama2_reference import (
     hidden_dim,
     meta_forward,
@@ -434,15 +435,9 @@ def test_outputs_get_the_users_umask(tmp_path, sp_model, umask):
             assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
 
 
-STOCK_SCRIPT = """
-import importlib.abc, logging as logging_std, sys, warnings
+STOCK_SCRIPT = HIDE_PACKAGE + """
+import logging as logging_std, warnings
 
-class NoLocalPackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("modeling_llama2", "llama2_convert"):
-            raise ImportError(f"{name} is hidden from this process")
-
-sys.meta_path.insert(0, NoLocalPackage())
 warnings.simplefilter("error")  # any warning fails the run
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from modeling_llama2 import Llama2Config, Llama2ForCausalLM, Llama2ForSequenceClassification, Llama2Model
 
-from .conftest import TINY, tiny_config
+from .conftest import HIDE_PACKAGE, TINY, tiny_config
 
 
 def test_auto_classes_build_our_models():
@@ -46,22 +46,8 @@ def test_save_and_load_through_auto_classes(tmp_path, tiny_model):
         torch.testing.assert_close(loaded(input_ids).logits, tiny_model(input_ids).logits, atol=0, rtol=0)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = HIDE_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class NoLocalPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_llama2", "llama2_convert"):
-                raise ImportError(f"{name} is hidden from this process")
-
-    sys.meta_path.insert(0, NoLocalPackage())
-    try:
-        import modeling_llama2
-        raise SystemExit("the package is importable: this test would prove nothing")
-    except ImportError:
-        pass
-
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
