@@ -95,12 +95,17 @@ def encode_dialog(messages: Sequence[Message], encode: Encode, bos_id: int, eos_
     return ids, labels
 
 
+def forbidden_in(text: str) -> list[str]:
+    """The tags and control tokens `text` holds: message content with any of them is refused."""
+    return [forbidden for forbidden in FORBIDDEN if forbidden in text]
+
+
 def _fold_system(messages: Sequence[Message]) -> list[dict]:
     """Check roles and contents, and merge a leading system message into the first user message."""
     for message in messages:
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str) or "role" not in message:
             raise ValueError(f'Each message must be {{"role": ..., "content": "<text>"}}, got {message!r}.')
-        found = [text for text in FORBIDDEN if text in message["content"]]
+        found = forbidden_in(message["content"])
         if found:
             raise ValueError(f"{CONTENT_ERROR.format(' '.join(found))} Content: {message['content'][:80]!r}")
     messages = [dict(m) for m in messages]

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from ..chat_format import FORBIDDEN, encode_dialog, tokenizer_encoder
+from ..chat_format import encode_dialog, forbidden_in, tokenizer_encoder
 from ..inference import decoding
 from ..modeling_llama2 import Llama2ForCausalLM, Llama2ForSequenceClassification, context_length
 from .data import load_records
@@ -179,7 +179,7 @@ def rejection_sample(
         responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
         # A sample that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
         # training data: the chat format refuses it. It keeps its place among the samples with reward 0, never kept.
-        usable = [i for i, response in enumerate(responses) if not any(tag in response for tag in FORBIDDEN)]
+        usable = [i for i, response in enumerate(responses) if not forbidden_in(response)]
         rewards = torch.zeros(len(responses))
         if not usable:
             refused += 1
