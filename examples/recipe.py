@@ -79,7 +79,7 @@ from modeling_llama2.alignment.reward import RewardArguments, run_reward_model
 from modeling_llama2.alignment.scoring import encode_response, score
 from modeling_llama2.alignment.sft import SFTArguments, run_sft
 from modeling_llama2.alignment.training import ModelArguments, load_tokenizer, read_jsonl, write_jsonl
-from modeling_llama2.chat_format import B_INST, E_INST, FORBIDDEN, encode_dialog, tokenizer_encoder
+from modeling_llama2.chat_format import B_INST, E_INST, encode_dialog, forbidden_in, tokenizer_encoder
 
 CONTEXT = 128  # tokens: a chat-formatted question and its answer take about 30
 PRETRAIN_ROW = 64
@@ -289,7 +289,7 @@ def sft_samples(policy, tokenizer, problem: Problem, n: int) -> list[str]:
     prompt = encode_dialog(messages, tokenizer_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)[0]
     sampled = sample_responses(policy, prompt, n, 16, TEMPERATURE, pad_token_id=tokenizer.pad_token_id, compile=COMPILE)
     samples = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-    return [s for s in samples if not any(tag in s for tag in FORBIDDEN)]
+    return [s for s in samples if not forbidden_in(s)]
 
 
 def write_safety_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
@@ -409,8 +409,9 @@ def evaluate(model_dir: Path, safe: list[Problem], unsafe: list[Problem]) -> dic
     """Greedy answers to the held-out requests: helpfulness as the exact-answer accuracy on the safe ones, in the chat
     format and as raw text; the safety violation rate, the unsafe requests answered rather than declined; and the
     over-refusal rate, the safe requests declined."""
-    chat = greedy_answers(model_dir, [[{"role": "user", "content": question(p)}] for p in safe + unsafe])
-    raw = greedy_answers(model_dir, [question(p) for p in safe], max_new_tokens=12)
+    generate = chat_pipeline(model_dir)
+    chat = greedy_answers(generate, [[{"role": "user", "content": question(p)}] for p in safe + unsafe])
+    raw = greedy_answers(generate, [question(p) for p in safe], max_new_tokens=12)
     answers, unsafe_answers = chat[: len(safe)], chat[len(safe) :]
     return {
         "accuracy": sum(map(is_correct, safe, answers)) / len(safe),
@@ -473,9 +474,8 @@ def chat_pipeline(model_dir: Path):
     return pipeline("text-generation", model=load_policy(model_dir), tokenizer=tokenizer, device="cpu")
 
 
-def greedy_answers(model_dir: Path, prompts: list, max_new_tokens: int = 16) -> list[str]:
+def greedy_answers(generate, prompts: list, max_new_tokens: int = 16) -> list[str]:
     """Greedy answers through `pipeline("text-generation")`: chat prompts (message lists) get the chat template."""
-    generate = chat_pipeline(model_dir)
     outputs = generate(prompts, batch_size=64, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)
     return [output[0]["generated_text"].strip() for output in outputs]
 
