@@ -178,3 +178,11 @@ def test_round_two_samples_from_round_one_on_fresh_prompts(run):
     assert prompts[0] and not set(prompts[0]) & set(prompts[1])  # fresh prompts
     records = [json.loads(line) for line in (run / "rejection_sampling_round_2_data.jsonl").read_text().splitlines()]
     assert len(records) == len(prompts[1]) and all(len(record["samples"]) == 16 for record in records)
+
+
+def test_without_matplotlib_the_plot_is_skipped_and_said(recipe, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed: importing it fails
+    curve = [{"n": n, "max": 0.5, "median": 0.4, "accuracy_of_best": 0.3, "any_right": 0.6} for n in (1, 2)]
+    assert recipe.plot_best_of_n([curve], tmp_path / "plot.png") is False and not (tmp_path / "plot.png").exists()
+    recipe.report_no_plot()
+    assert "matplotlib is not installed: the max-vs-median reward plot was skipped" in capsys.readouterr().out
