@@ -1,6 +1,7 @@
 """The trainers' data through `datasets` (files of any format, `Dataset` objects, streaming), their console scripts,
 launches that would not be distributed, and the quiet defaults."""
 
+import functools
 import gzip
 import json
 import logging
@@ -12,10 +13,19 @@ import datasets
 import pytest
 from transformers import TrainingArguments
 
+from modeling_llama2.alignment.data import prepare
 from modeling_llama2.alignment.reward import load_reward_base
-from modeling_llama2.alignment.sft import SFTArguments, pack_stream, run_sft
+from modeling_llama2.alignment.sft import SFTArguments, encode_sample, pack_stream, run_sft
 from modeling_llama2.alignment.training import InputError, ModelArguments
-from tests.alignment_helpers import REPO, logged_losses, qa_pairs, save_causal_lm, script_error, write_jsonl
+from tests.alignment_helpers import (
+    REPO,
+    logged_losses,
+    qa_pairs,
+    run_script,
+    save_causal_lm,
+    script_error,
+    write_jsonl,
+)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
@@ -62,6 +72,127 @@ def test_eval_size_holds_out_records(tmp_path, model_dir):
     sft_args = SFTArguments(train_file=str(data), max_length=128, eval_size=3)
     metrics = run_sft(ModelArguments(model=str(model_dir)), sft_args, short_run(tmp_path / "out"))
     assert metrics["eval_samples_per_second"] > 0
+
+
+def sample_ids(tokenizer, *, train_dataset=None, **data_args) -> tuple[list, list | None]:
+    """The training and evaluation samples' token ids that `prepare` gives for these `SFTArguments`."""
+    encode = functools.partial(encode_sample, tokenizer=tokenizer, max_length=128, context=None)
+    (train, _), evaluation = prepare(
+        SFTArguments(max_length=128, **data_args), encode, seed=0, desc="Tokenizing", train_dataset=train_dataset
+    )
+    return [s["input_ids"] for s in train], evaluation and [s["input_ids"] for s in evaluation[0]]
+
+
+def hub_layout(folder, parts: dict[str, list[dict]]):
+    """A folder laid out as a Hub data set repository: `data/{split}-00000-of-00001.parquet` for each split."""
+    (folder / "data").mkdir(parents=True)
+    for split, rows in parts.items():
+        datasets.Dataset.from_list(rows).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+@pytest.mark.parametrize("form", ["csv", "arrow", "save_to_disk", "save_to_disk dict", "hub layout"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dataset_reads_csv_arrow_saved_folders_and_hub_layouts(tmp_path, tokenizer, form, streaming):
+    data = datasets.Dataset.from_list(records(6))
+    if form == "csv":
+        data.to_csv(tmp_path / "sft.csv", index=False)
+        path = tmp_path / "sft.csv"
+    elif form == "arrow":  # an Arrow IPC file, as `pyarrow.feather` writes it
+        __import__("pyarrow.feather").feather.write_feather(data.data.table, tmp_path / "sft.arrow")
+        path = tmp_path / "sft.arrow"
+    elif form == "save_to_disk":
+        data.save_to_disk(path := tmp_path / "saved")
+    elif form == "save_to_disk dict":
+        datasets.DatasetDict(train=data, test=datasets.Dataset.from_list(records(8)[6:])).save_to_disk(
+            path := tmp_path / "saved"
+        )
+    else:
+        path = hub_layout(tmp_path / "repo", {"train": records(6), "test": records(8)[6:]})
+    train, _ = sample_ids(tokenizer, dataset=str(path), streaming=streaming)
+    assert train == sample_ids(tokenizer, train_dataset=data)[0]
+    if form in ("save_to_disk dict", "hub layout"):
+        _, evaluation = sample_ids(tokenizer, dataset=str(path), eval_split="test", streaming=streaming)
+        assert evaluation == sample_ids(tokenizer, train_dataset=datasets.Dataset.from_list(records(8)[6:]))[0]
+        test, _ = sample_ids(tokenizer, dataset=str(path), train_split="test", streaming=streaming)
+        assert test == evaluation
+
+
+def test_dataset_config_chooses_a_configuration_declared_in_the_readme(tmp_path, tokenizer):
+    """A folder (or Hub repository) whose README.md declares `configs:`, each with its splits' files."""
+    for name, rows in (("small", records(3)), ("big", records(7))):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "train.jsonl", rows)
+        write_jsonl(tmp_path / name / "test.jsonl", records(9)[7:])
+    configs = "".join(
+        f"- config_name: {name}\n{'  default: true' + chr(10) if name == 'big' else ''}  data_files:\n"
+        + "".join(f"  - split: {split}\n    path: {name}/{split}.jsonl\n" for split in ("train", "test"))
+        for name in ("small", "big")
+    )
+    (tmp_path / "README.md").write_text(f"---\nconfigs:\n{configs}---\n# SFT data\n")
+    ids = lambda n: sample_ids(tokenizer, train_dataset=datasets.Dataset.from_list(records(n)))[0]  # noqa: E731
+    assert sample_ids(tokenizer, dataset=str(tmp_path), dataset_config="small")[0] == ids(3)
+    assert sample_ids(tokenizer, dataset=str(tmp_path))[0] == ids(7)  # the default configuration
+    _, evaluation = sample_ids(tokenizer, dataset=str(tmp_path), dataset_config="small", eval_split="test")
+    assert evaluation == ids(9)[7:]
+    with pytest.raises(InputError, match=r"cannot be loaded \(BuilderConfig 'tiny' not found. Available: \['small'"):
+        sample_ids(tokenizer, dataset=str(tmp_path), dataset_config="tiny")
+
+
+def test_eval_size_holds_out_a_fraction_or_a_count(tokenizer):
+    data = datasets.Dataset.from_list(records(10))
+    everything = sample_ids(tokenizer, train_dataset=data)[0]
+    for size, held_out in ((0.3, 3), (4, 4)):
+        kept, evaluation = sample_ids(tokenizer, train_dataset=data, eval_size=size)
+        assert len(evaluation) == held_out and sorted(kept + evaluation) == sorted(everything)
+    kept, evaluation = sample_ids(tokenizer, train_dataset=data.to_iterable_dataset(), eval_size=4, streaming=True)
+    assert evaluation == everything[:4] and kept == everything[4:]  # a stream's first records
+
+
+@pytest.mark.parametrize(
+    "data_args, message",
+    [
+        ({"eval_size": 0.0}, r"--eval-size must be a fraction in \(0, 1\) or a whole number of records, got 0.0"),
+        ({"eval_size": 2.5}, r"--eval-size must be a fraction in \(0, 1\) or a whole number of records, got 2.5"),
+        ({"eval_size": 11}, r"--eval-size 11: test_size=11 should be either positive and smaller than"),
+        ({"eval_size": 0.5, "streaming": True}, r"with --streaming, --eval-size must be a number of records"),
+        ({"eval_size": 2, "eval_file": "x.jsonl"}, r"give at most one of --eval-file and --eval-size"),
+        ({"eval_split": "test", "train_file": "SFT"}, r"--eval-split names a split of --dataset"),
+        ({"train_split": "test", "train_file": "SFT"}, r"--train-split and --dataset-config choose within --dataset"),
+        ({"dataset_config": "small", "dataset": "SFT"}, r"sft.jsonl is one file, with no configurations"),
+        ({"eval_split": "test", "dataset": "SFT"}, r"sft.jsonl is one file, the split 'train' alone, with no split"),
+        ({"eval_split": "test", "dataset": "SAVED"}, r"saved holds one Dataset, the split 'train' alone"),
+        ({"dataset_config": "x", "dataset": "SAVED"}, r"saved is a `save_to_disk` folder, with no configurations"),
+        ({"eval_split": "dev", "dataset": "SAVED_DICT"}, r"saved_dict has no split 'dev'; it has \['train', 'test'\]"),
+        ({"eval_split": "dev", "dataset": "REPO"}, r"repo: cannot be loaded \(Unknown split \"dev\". Should be one of"),
+    ],
+)
+def test_data_arguments_that_cannot_hold_are_one_line(tmp_path, tokenizer, data_args, message):
+    """Each would otherwise train or evaluate on other data than was asked for, or fail deep inside datasets."""
+    saved = datasets.Dataset.from_list(records(4))
+    saved.save_to_disk(tmp_path / "saved")
+    datasets.DatasetDict(train=saved, test=saved).save_to_disk(tmp_path / "saved_dict")
+    places = {"SFT": write_jsonl(tmp_path / "sft.jsonl", records(10)), "REPO": hub_layout(tmp_path / "repo", {
+        "train": records(4)}), "SAVED": tmp_path / "saved", "SAVED_DICT": tmp_path / "saved_dict"}  # fmt: skip
+    data_args = {key: str(places[value]) if value in places else value for key, value in data_args.items()}
+    given = {}
+    if "dataset" not in data_args and "train_file" not in data_args:
+        given["train_dataset"] = datasets.Dataset.from_list(records(10))
+        if data_args.get("streaming"):
+            given["train_dataset"] = given["train_dataset"].to_iterable_dataset()
+    with pytest.raises(InputError, match=message):
+        sample_ids(tokenizer, **given, **data_args)
+
+
+def test_the_command_line_trains_on_a_configuration_and_evaluates_on_a_split(tmp_path, model_dir):
+    hub_layout(tmp_path / "repo", {"train": records(8), "validation": records(10)[8:]})
+    out = tmp_path / "out"
+    run_script(
+        "sft.py", "--model", model_dir, "--dataset", tmp_path / "repo", "--train-split", "train", "--eval-split",
+        "validation", "--max-steps", "2", "--max-length", "128", "--output-dir", out, "--use-cpu", "--save-strategy",
+        "no", "--report-to", "none",
+    )  # fmt: skip
+    assert "eval_loss" in json.loads((out / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize(

@@ -108,31 +108,48 @@ def builder_of(path: str) -> str | None:
 
 
 def load_records(source: str, *, config: str | None = None, split: str = "train", streaming: bool = False):
-    """`(records, Source)` of a local file, a local folder or a Hub data set; any failure is one `InputError`."""
+    """`(records, Source)` of split `split` of a local file, a local folder or a Hub data set; any failure is one
+    `InputError`. A single file is the split "train" alone, with no configurations."""
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         builder = builder_of(path)
         if builder is None:
             raise InputError(f"{source}: unknown data file type; use {sorted(BUILDERS)} (optionally compressed).")
+        if config:
+            raise InputError(f"{source} is one file, with no configurations; drop --dataset-config.")
+        if split != "train":
+            raise InputError(
+                f"{source} is one file, the split 'train' alone, with no split {split!r}; for evaluation data use "
+                "--eval-file or --eval-size."
+            )
         if os.path.getsize(path) == 0:
             raise InputError(f"{source} holds no records.")
         loaded = lambda: load_dataset(builder, data_files=path, split="train", streaming=streaming)  # noqa: E731
         where = Source(source, json_file=builder == "json")
     elif os.path.isdir(path) and {"state.json", "dataset_dict.json"} & set(os.listdir(path)):
+        if config:
+            raise InputError(f"{source} is a `save_to_disk` folder, with no configurations; drop --dataset-config.")
 
         def loaded():  # written by `save_to_disk`, which `load_dataset` does not read
             data = load_from_disk(path)
-            data = data[split] if isinstance(data, DatasetDict) else data
+            if isinstance(data, DatasetDict):
+                if split not in data:
+                    raise InputError(f"{source} has no split {split!r}; it has {list(data)}.")
+                data = data[split]
+            elif split != "train":
+                raise InputError(f"{source} holds one Dataset, the split 'train' alone, with no split {split!r}.")
             return data.to_iterable_dataset() if streaming else data
 
-        where = Source(source)
-    elif builder_of(path) is not None or source.startswith((".", "/", "~")):
+        where = Source(f"{source} ({split})" if split != "train" else source)
+    elif not os.path.isdir(path) and (builder_of(path) is not None or source.startswith((".", "/", "~"))):
         raise InputError(f"{source}: no such file.")
     else:
         loaded = lambda: load_dataset(path, config, split=split, streaming=streaming)  # noqa: E731
         where = Source(f"{source} ({split})" if not os.path.isdir(path) or split != "train" else source)
     try:
         return loaded(), where
+    except InputError:
+        raise
     except Exception as e:  # anything datasets raises is about the source given
         problem = json_problem(path) if where.json_file else None
         if problem:
@@ -163,14 +180,18 @@ def prepare(
     evals = [name for name, value in evals if value is not None] + (["eval_dataset"] if eval_dataset else [])
     if len(evals) > 1:
         raise InputError(f"give at most one of {' and '.join(evals)}.")
-    if args.eval_split and not args.dataset:
-        raise InputError("--eval-split names a split of --dataset; use --eval-file or --eval-size with --train-file.")
+    if not args.dataset:
+        if args.eval_split:
+            raise InputError("--eval-split names a split of --dataset; use --eval-file or --eval-size otherwise.")
+        if args.train_split != "train" or args.dataset_config:
+            raise InputError("--train-split and --dataset-config choose within --dataset; give --dataset.")
 
     def load(source: str | None, split: str, given: Data | None, name: str) -> tuple[Data, Source]:
         if given is not None:
             data, where = given, Source(name)
         else:
-            data, where = load_records(source, config=args.dataset_config, split=split, streaming=args.streaming)
+            config = args.dataset_config if source == args.dataset else None  # not an --eval-file's
+            data, where = load_records(source, config=config, split=split, streaming=args.streaming)
         return tokenize(data, where, function, desc=f"{desc} ({where.name})", features=features), where
 
     train = load(args.dataset or args.train_file, args.train_split, train_dataset, "train_dataset")
