@@ -260,6 +260,58 @@ def test_streaming_memory_does_not_grow_with_the_data(tmp_path, model_dir):
     assert peaks[200_000] < 1.5 * peaks[2_000], peaks
 
 
+RANKS = """
+import json, os, sys
+from transformers import TrainingArguments
+import modeling_llama2.alignment.sft as sft
+from modeling_llama2.alignment.training import ModelArguments
+
+model, data, log = sys.argv[1:]
+encode_sample, collate = sft.encode_sample, sft.PackedCollator.__call__
+
+def encode_and_count(record, **kwargs):  # the same code in every rank, so the same cache fingerprint
+    with open(os.path.join(log, "encoded-" + os.environ["RANK"]), "a") as f:
+        f.write(record["prompt"] + "\\n")
+    return encode_sample(record, **kwargs)
+
+def collate_and_record(self, rows):
+    with open(os.path.join(log, f"trained-{RUN}-" + os.environ["RANK"]), "a") as f:
+        f.writelines(json.dumps(sample["input_ids"]) + "\\n" for row in rows for sample in row)
+    return collate(self, rows)
+
+sft.encode_sample, sft.PackedCollator.__call__ = encode_and_count, collate_and_record
+for RUN, streaming in (("mapped", False), ("streamed", True)):
+    args = TrainingArguments(
+        output_dir=os.path.join(log, RUN), max_steps=2, per_device_train_batch_size=2, save_strategy="no",
+        report_to="none", use_cpu=True, remove_unused_columns=False, ddp_backend="gloo",
+    )
+    data_args = sft.SFTArguments(train_file=data, max_length=64, streaming=streaming)
+    sft.run_sft(ModelArguments(model=model), data_args, args)
+"""
+
+
+def test_two_ranks_tokenize_once_and_train_on_distinct_samples(tmp_path, model_dir):
+    """Rank 0 tokenizes the data set and caches it, rank 1 loads the cache; with --streaming each rank reads the
+    stream and trains on its own share of the packed rows."""
+    (tmp_path / "ranks.py").write_text(RANKS)
+    records = [{"prompt": f"the cat {i}?", "response": "red"} for i in range(40)]
+    data = write_jsonl(tmp_path / "sft.jsonl", records)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "ranks.py"), str(model_dir), str(data), str(tmp_path)],
+        env=ENV, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    prompts = [r["prompt"] for r in records]
+    encoded = [(tmp_path / f"encoded-{rank}").read_text().splitlines() for rank in "01"]
+    mapped, streamed = encoded[0][: len(records)], encoded[0][len(records) :]
+    assert mapped == prompts and streamed and streamed == prompts[: len(streamed)]
+    assert encoded[1] and encoded[1] == prompts[: len(encoded[1])]  # rank 1 mapped nothing, then read the stream
+    for run in ("mapped", "streamed"):
+        trained = [(tmp_path / f"trained-{run}-{rank}").read_text().splitlines() for rank in "01"]
+        assert trained[0] and trained[1] and not set(trained[0]) & set(trained[1]), run
+
+
 def test_console_scripts_show_help_and_train(tmp_path, model_dir):
     helps = subprocess.run(
         "llama2-sft --help && llama2-reward-model --help && llama2-rejection-sampling --help",
