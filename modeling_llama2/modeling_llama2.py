@@ -393,11 +393,17 @@ class Llama2Model(Llama2PreTrainedModel):
 
 
 class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
-    """Llama 2 with its language-model head; `generate()` comes from transformers' `GenerationMixin`."""
+    """Llama 2 with its language-model head; `generate()` comes from transformers' `GenerationMixin`, its greedy and
+    sampled decoding with `cache_implementation="static"` from `static_cache_sampler`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    # A method: `modeling_llama2.inference.generate_routing.sample`, set when the package is imported. The inference
+    # package imports this module, so this module cannot import it; a copy of this file loaded as remote code (which
+    # has no package beside it) keeps None, hence transformers' loop.
+    static_cache_sampler: Callable | None = None
 
     def __init__(self, config: Llama2Config) -> None:
         super().__init__(config)
@@ -414,6 +420,19 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
         transformers stops calling it."""
         super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
         check_generation_length(self.config, input_ids_length, generation_config.max_length - input_ids_length)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        """Greedy and sampled `generate` (hence `pipeline`) with `cache_implementation="static"` through
+        `static_cache_sampler`, transformers' loop for what it declines (it returns None). `_sample` is private to
+        transformers' `GenerationMixin` (5.24): the decoding method `generate` calls for both modes once the
+        configuration, inputs, logits processors and stopping criteria are resolved, with the arguments of a
+        `custom_generate` callable; overriding it leaves every other mode and preparation step as it is.
+        `test_generate_routing.py` fails if a later transformers stops calling it."""
+        if self.static_cache_sampler is not None and generation_config.cache_implementation == "static":
+            ids = self.static_cache_sampler(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+            if ids is not None:
+                return ids
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
 
     @property
     def loss_function(self) -> Callable:

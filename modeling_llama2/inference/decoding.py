@@ -119,6 +119,15 @@ def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
+def padded_step_inputs(attention_mask: torch.Tensor, cache: StaticCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first decode step's `position_ids` (batch, 1) and mask over all the cache's slots (0 on padding) for
+    left-padded prompts with this `attention_mask`; later steps add 1 to the positions."""
+    positions = attention_mask.sum(-1, keepdim=True)  # the next token's position in each row
+    slots_mask = attention_mask.new_ones(attention_mask.shape[0], cache.layers[0].keys.shape[-2])
+    slots_mask[:, : attention_mask.shape[1]] = attention_mask
+    return positions, slots_mask
+
+
 @torch.no_grad()
 def prefill(
     model: PreTrainedModel,
@@ -183,12 +192,7 @@ def decode(
     step = _compiled_step if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
-    positions, slots_mask = None, None
-    if attention_mask is not None:
-        positions = attention_mask.sum(-1, keepdim=True)  # the next token's position in each row
-        slots = cache.layers[0].keys.shape[-2]
-        slots_mask = torch.ones(tokens.shape[0], slots, dtype=attention_mask.dtype, device=attention_mask.device)
-        slots_mask[:, : attention_mask.shape[1]] = attention_mask
+    positions, slots_mask = (None, None) if attention_mask is None else padded_step_inputs(attention_mask, cache)
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     with torch_internals.recompile_limit(MAX_COMPILED_STEPS):

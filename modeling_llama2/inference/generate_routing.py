@@ -1,0 +1,125 @@
+"""`model.generate(..., cache_implementation="static")` (and `pipeline`, with it in `generation_config.json`)
+through `decoding`'s static-cache step.
+
+`Llama2ForCausalLM._sample` hands greedy and sampled requests for a static cache to `sample`, after `generate`
+has resolved the configuration and built its logits processors and stopping criteria. The prompt is prefilled
+into a `DynamicCache` as the default `generate` does (`decoding.prefill`), copied into a `StaticCache`, and each
+new token is one call of a fixed-shape step; there is no per-token input preparation or cache bookkeeping. The
+scores come from `generate`'s own processors, in its order, and a sample from `torch.multinomial` on their
+softmax: the same draws at the same RNG state, so greedy and seeded sampled tokens equal the default `generate`'s.
+
+The step runs eagerly unless `generation_config.compile_config` is set (or, as in transformers, on CUDA or XPU),
+and never with `disable_compile`: compiling it costs the first call tens of seconds on a CPU, which a short
+generation never earns back. Everything `sample` declines (`unsupported` says why) runs in transformers' loop.
+"""
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StaticCache, StoppingCriteriaList
+from transformers.utils import logging
+
+from .. import torch_internals
+from . import decoding
+
+logger = logging.get_logger(__name__)
+
+# What `generate` passes on for a decoder-only prompt of token ids (the tokenizer: stop strings, already in the
+# stopping criteria); anything else (`inputs_embeds`, `output_attentions`, extra model inputs) goes to transformers'
+# loop.
+ROUTED_KWARGS = {"attention_mask", "position_ids", "cache", "logits_to_keep", "use_cache", "tokenizer"}
+# On these, transformers compiles a static-cache decode step unless told not to (`disable_compile`).
+COMPILED_BY_DEFAULT = ("cuda", "xpu")
+
+
+def unsupported(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    generation_config: GenerationConfig,
+    *,
+    synced_gpus: bool,
+    model_kwargs: dict,
+) -> str | None:
+    """Why `sample` declines this request, or None when it decodes it."""
+    if generation_config.cache_implementation != "static" or not isinstance(model_kwargs.get("cache"), StaticCache):
+        return "no static cache (`cache_implementation='static'` with `use_cache=True`)"
+    if extra := set(model_kwargs) - ROUTED_KWARGS:
+        return f"model inputs {sorted(extra)}"
+    if generation_config.return_dict_in_generate:
+        return "`return_dict_in_generate` (scores, logits, attentions, hidden states, the cache)"
+    if synced_gpus:
+        return "`synced_gpus`"
+    if generation_config.is_assistant:
+        return "an assistant model's drafts"
+    if generation_config.prefill_chunk_size is not None:
+        return "`prefill_chunk_size`"
+    if model.training:
+        return "a model in training mode (dropout would draw other random numbers)"
+    if (attention := model.config._attn_implementation) not in ("sdpa", "eager"):
+        return f"attention implementation {attention!r} (the step is tested with sdpa and eager)"
+    mask, positions = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
+    expected = torch.arange(input_ids.shape[1])[None] if mask is None else decoding.padded_positions(mask)
+    if positions is not None and not torch.equal(positions, expected.to(positions.device).expand_as(positions)):
+        return "`position_ids` other than the attention mask's"
+    return None
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer=None,
+    **model_kwargs,
+) -> torch.Tensor | None:
+    """Prompt plus new tokens (batch, length) for `GenerationMixin._sample`'s arguments, or None where `unsupported`
+    (the caller then runs transformers' loop)."""
+    reason = unsupported(model, input_ids, generation_config, synced_gpus=synced_gpus, model_kwargs=model_kwargs)
+    if reason is not None:
+        logger.info(f"generate runs transformers' loop, not the static-cache step: {reason}")
+        return None
+    attention_mask = model_kwargs.get("attention_mask")  # None when no row is padded (`generate` drops all-ones)
+    slots = model_kwargs["cache"].get_max_length()  # max_length - 1, or more to match earlier calls (no recompile)
+    logits, cache = decoding.prefill(model, input_ids, slots, attention_mask=attention_mask)
+    positions, slots_mask = None, None
+    if attention_mask is not None:
+        positions, slots_mask = decoding.padded_step_inputs(attention_mask, cache)
+    compile = not generation_config.disable_compile and (
+        generation_config.compile_config is not None or model.device.type in COMPILED_BY_DEFAULT
+    )
+    forward = model.get_compiled_call(generation_config.compile_config) if compile else model
+    # Rows that stop continue with the pad id `generate` resolved (the first EOS id when none is set); transformers
+    # keeps it only in this private attribute of its working copy of the configuration.
+    pad_token_id = generation_config._pad_token_tensor
+    pads_finished = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    with torch_internals.recompile_limit(decoding.MAX_COMPILED_STEPS):
+        for _ in range(generation_config.max_length - input_ids.shape[1]):
+            scores = logits_processor(input_ids, logits.to(copy=True, dtype=torch.float32))
+            if generation_config.do_sample:
+                tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = scores.argmax(dim=-1)
+            if pads_finished:
+                tokens = tokens * unfinished + pad_token_id * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, None)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if unfinished.max() == 0:
+                break
+            logits = step(forward, tokens, cache, positions, slots_mask)
+            positions = None if positions is None else positions + 1
+    if streamer is not None:
+        streamer.end()
+    return input_ids
+
+
+def step(
+    forward, tokens: torch.Tensor, cache: StaticCache, positions: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Last-position logits of feeding `tokens` (batch,) at the cache's next slot: the fixed-shape decode step."""
+    return forward(
+        input_ids=tokens[:, None], cache=cache, use_cache=True, position_ids=positions, attention_mask=mask
+    ).logits[:, -1]
