@@ -5,15 +5,23 @@
 Checks, each printed as a line: parity with transformers' `LlamaForCausalLM` (fp32 logits, bf16 greedy tokens
 with left padding) for every attention implementation the registry offers here; the static cache; the compiled
 `decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the compiled graph); the causal-LM
-loss against transformers' on bf16 logits (value, gradient, peak memory, time). Then
-times bf16 decode on the 125M GQA shape against transformers' default and static + compiled `generate`.
+loss against transformers' on bf16 logits (value, gradient, peak memory, time); an SFT step under accelerate's FSDP
+(`llama2-sft --fsdp`, launched by torchrun on two GPUs when there are two or more, else on one), with the sharding
+it applied. Then times bf16 decode on the 125M GQA shape against transformers' default and static + compiled
+`generate`. Without a CUDA device it says so and exits (status 0): there is nothing to check.
 """
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import transformers
@@ -186,18 +194,108 @@ def speed(rounds: int, new: int) -> None:
             print(f"| {batch} | {name} | {batch * new / seconds:.0f} | {base / seconds:.2f} |", flush=True)
 
 
-def main() -> None:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fsdp_sft_command(devices: int, *, model: str, data: str, output_dir: str, report_dir: str) -> list[str]:
+    """The FSDP check's launch: torchrun with one rank per GPU, two where there are two or more (sharding across
+    devices), else one (FSDP still wraps and shards, over one rank), each running `fsdp_worker` over `llama2-sft`'s
+    command line with `--fsdp` (accelerate's FSDP2: full shard, each decoder layer wrapped)."""
+    if devices < 1:
+        raise ValueError("the FSDP check needs a CUDA device")
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(min(devices, 2)),
+        __file__, "--fsdp-worker", report_dir, "--model", model, "--train-file", data, "--output-dir", output_dir,
+        "--fsdp", "--max-steps", "2", "--max-length", "128", "--per-device-train-batch-size", "2",
+        "--learning-rate", "1e-3", "--logging-steps", "1", "--save-strategy", "no", "--report-to", "none",
+    ]  # fmt: skip
+
+
+def fsdp_worker(report_dir: str, argv: list[str]) -> None:
+    """One rank of the FSDP check: `llama2-sft`'s `main(argv)`, with `Trainer.train` wrapped to write, once trained,
+    what accelerate applied: its distributed type, how many decoder layers FSDP wrapped, and this rank's share of
+    their weights."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from transformers import Trainer
+
+    from modeling_llama2.alignment.sft import main as sft_main
+    from modeling_llama2.modeling_llama2 import Llama2DecoderLayer
+
+    train = Trainer.train
+
+    def reported(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        layers = [m for m in self.model_wrapped.modules() if isinstance(m, Llama2DecoderLayer)]
+        weights = [p for layer in layers for p in layer.parameters()]
+        report = {
+            "distributed_type": self.accelerator.distributed_type.value,
+            "layers": len(layers),
+            "wrapped": sum(isinstance(layer, FSDPModule) for layer in layers),
+            "sharded": all(isinstance(p, DTensor) for p in weights),
+            "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in weights),
+            "full": sum(p.numel() for p in weights),
+        }
+        Path(report_dir, f"rank-{os.environ.get('RANK', 0)}.json").write_text(json.dumps(report))
+        return output
+
+    Trainer.train = reported
+    sft_main(argv)
+
+
+def fsdp_sft() -> str:
+    """An SFT step of the tests' tiny model under FSDP, launched as `fsdp_sft_command` says; fails unless every rank
+    ran FSDP with every decoder layer wrapped and the ranks' shares of the weights add up to the whole."""
+    sys.path.insert(0, str(REPO))  # the tests' tiny model, tokenizer and data: no download
+    from tests.alignment_helpers import qa_pairs, save_causal_lm, write_jsonl
+
+    devices = torch.cuda.device_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "reports").mkdir()
+        model = save_causal_lm(tmp / "model")
+        data = write_jsonl(tmp / "sft.jsonl", [{"prompt": q, "response": a} for q, a in qa_pairs(32)])
+        command = fsdp_sft_command(
+            devices, model=str(model), data=str(data), output_dir=str(tmp / "out"), report_dir=str(tmp / "reports")
+        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"exit status {result.returncode}: {result.stderr[-3000:]}")
+        reports = [json.loads(path.read_text()) for path in sorted((tmp / "reports").glob("rank-*.json"))]
+        state = json.loads((tmp / "out" / "trainer_state.json").read_text())
+    first = reports[0]
+    if not all(r["distributed_type"] == "FSDP" and r["sharded"] and r["wrapped"] == r["layers"] > 0 for r in reports):
+        raise RuntimeError(f"FSDP was not applied as asked: {reports}")
+    if sum(r["local"] for r in reports) != first["full"]:
+        raise RuntimeError(f"the ranks' shares of the weights do not add up to the whole: {reports}")
+    losses = [f"{entry['loss']:.3f}" for entry in state["log_history"] if "loss" in entry]
+    return (
+        f"{len(reports)} rank(s) on {devices} GPU(s): FSDP, {first['wrapped']}/{first['layers']} decoder layers "
+        f"wrapped, each rank holding {first['local'] / first['full']:.0%} of their weights; step losses {losses}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fsdp-worker"]:
+        fsdp_worker(argv[1], argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--only", default="parity,static,decoding,int8,loss,speed", help="comma-separated subset")
-    args = parser.parse_args()
+    parser.add_argument("--only", default="parity,static,decoding,int8,loss,fsdp,speed", help="comma-separated subset")
+    args = parser.parse_args(argv)
     only = args.only.split(",")
+    if not torch.cuda.is_available():
+        print(f"gpu_check.py checks the CUDA paths, and torch {torch.__version__} sees no CUDA device here: nothing to "
+              "check; run it on a GPU machine.", file=sys.stderr)  # fmt: skip
+        return
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name()}")
     if "parity" in only:
         for attn in ("eager", "sdpa", "flex_attention", "flash_attention_2"):
             check(f"parity {attn}", lambda: parity(attn))
-    for name, fn in [("static", static_cache), ("decoding", compiled_decoding), ("int8", int8), ("loss", loss)]:
+    checks = {"static": static_cache, "decoding": compiled_decoding, "int8": int8, "loss": loss, "fsdp": fsdp_sft}
+    for name, fn in checks.items():
         if name in only:
             check(name, fn)
     if "speed" in only:

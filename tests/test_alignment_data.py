@@ -3,6 +3,7 @@ launches that would not be distributed, and the quiet defaults."""
 
 import functools
 import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -11,14 +12,19 @@ import sys
 
 import datasets
 import pytest
+import torch
+from accelerate import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from transformers import TrainingArguments
 
+from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.alignment.data import prepare
 from modeling_llama2.alignment.reward import load_reward_base
 from modeling_llama2.alignment.sft import SFTArguments, encode_sample, pack_stream, run_sft
-from modeling_llama2.alignment.training import InputError, ModelArguments
+from modeling_llama2.alignment.training import InputError, ModelArguments, parse_args
 from tests.alignment_helpers import (
     REPO,
+    alignment_config,
     logged_losses,
     qa_pairs,
     run_script,
@@ -351,6 +357,40 @@ def test_fsdp_on_cpu_is_refused(tmp_path, model_dir, capsys):
         "--fsdp", "full_shard", capsys=capsys,
     )  # fmt: skip
     assert line.startswith("error: FSDP needs GPUs")
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("devices, ranks", [(1, 1), (2, 2), (8, 2)])
+def test_gpu_check_runs_fsdp_on_two_ranks_where_there_are_two_gpus(monkeypatch, devices, ranks):
+    """The launch `gpu_check.py` makes on a GPU machine: its ranks, and a `llama2-sft` command line whose FSDP settings
+    accelerate turns into FSDP2 with each decoder layer wrapped (its own policy function, applied to our model)."""
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it; restored after
+    gpu_check = load_gpu_check()
+    command = gpu_check.fsdp_sft_command(devices, model="M", data="D.jsonl", output_dir="OUT", report_dir="R")
+    assert command[command.index("--nproc_per_node") + 1] == str(ranks)
+    worker = command.index("--fsdp-worker")
+    assert command[worker - 1] == gpu_check.__file__ and command[worker + 1] == "R"
+    model_args, sft_args, training_args = parse_args(ModelArguments, SFTArguments, argv=command[worker + 2 :])
+    assert (model_args.model, sft_args.train_file, training_args.output_dir) == ("M", "D.jsonl", "OUT")
+    plugin = FullyShardedDataParallelPlugin(**training_args.fsdp_plugin_args)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # full shard
+    model = Llama2ForCausalLM(alignment_config(96))
+    wrap = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert [name for name, module in model.named_modules() if wrap(module)] == ["model.layers.0", "model.layers.1"]
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        gpu_check.fsdp_sft_command(0, model="M", data="D.jsonl", output_dir="OUT", report_dir="R")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, gpu_check.py runs its checks")
+def test_gpu_check_without_a_gpu_says_so_and_exits(capsys):
+    load_gpu_check().main([])
+    assert "sees no CUDA device here: nothing to check; run it on a GPU machine." in capsys.readouterr().err
 
 
 def test_output_dir_is_required(tmp_path, model_dir, capsys):
