@@ -1,6 +1,6 @@
 """Inference speed of `modeling_llama2.inference.decoding` (static cache, compiled step; fp32 weights through
 `nn.Linear` or
-`cpu_kernels.use_cpu_kernels`'s kernels, or int8 weights) against
+`cpu_kernels.use_cpu_kernels`'s kernels, or int8 weights with float or int8 activations) against
 transformers' `LlamaForCausalLM` of the same shape and weights, in one process.
 
     python benchmarks/bench_decode.py [--shape 15m|125m] [--rounds 9] [--new-tokens 128] [--workloads decode1,...]
@@ -15,6 +15,7 @@ process's peak RSS during one call, so it includes compile caches and allocator 
 import argparse
 import copy
 import datetime
+from functools import partial
 
 import torch
 import transformers
@@ -24,7 +25,7 @@ from transformers import CompileConfig
 
 from modeling_llama2.inference import decoding
 from modeling_llama2.inference.cpu_kernels import use_cpu_kernels
-from modeling_llama2.inference.quantization import quantize_int8
+from modeling_llama2.inference.quantization import ACTIVATIONS, quantize_int8
 
 
 def memory_bandwidth() -> float:
@@ -66,7 +67,7 @@ def main() -> None:
 
     ours, ref = build(args.shape)
     kernels = use_cpu_kernels(copy.deepcopy(ours))
-    int8 = quantize_int8(copy.deepcopy(ours))
+    int8 = {f"ours int8, {mode} acts": quantize_int8(copy.deepcopy(ours), activations=mode) for mode in ACTIVATIONS}
     config = ours.config
     gen = torch.Generator().manual_seed(0)
     prompt = {b: torch.randint(3, 32000, (b, 16), generator=gen) for b in (1, 8)}
@@ -92,7 +93,7 @@ def main() -> None:
                 "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
                 "ours compiled": fast(ours, 1),
                 "ours cpu kernels": fast(kernels, 1),
-                "ours int8": fast(int8, 1),
+                **{variant: fast(model, 1) for variant, model in int8.items()},
             },
         ),
         "decode8": (
@@ -103,7 +104,7 @@ def main() -> None:
                 "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
                 "ours compiled": fast(ours, 8),
                 "ours cpu kernels": fast(kernels, 8),
-                "ours int8": fast(int8, 8),
+                **{variant: fast(model, 8) for variant, model in int8.items()},
             },
         ),
         "prefill": (
@@ -113,7 +114,7 @@ def main() -> None:
                 "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
                 "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
                 "ours cpu kernels": lambda: decoding.prefill(kernels, long_prompt, 512 + new),
-                "ours int8": lambda: decoding.prefill(int8, long_prompt, 512 + new),
+                **{variant: partial(decoding.prefill, m, long_prompt, 512 + new) for variant, m in int8.items()},
             },
         ),
         "best-of": (
@@ -131,14 +132,18 @@ def main() -> None:
                 ),
                 "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n=n, max_new_tokens=new),
                 "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n=n, max_new_tokens=new),
-                "ours int8": lambda: decoding.sample_n(int8, bo_prompt, n=n, max_new_tokens=new),
+                **{
+                    variant: partial(decoding.sample_n, model, bo_prompt, n=n, max_new_tokens=new)
+                    for variant, model in int8.items()
+                },
             },
         ),
     }
     workloads = {key: workloads[key] for key in args.workloads.split(",")}
 
     bandwidth, flops = memory_bandwidth(), matmul_flops()
-    bytes_per_step = {"ours int8": weight_bytes(int8)}
+    int8_bytes = weight_bytes(next(iter(int8.values())))
+    bytes_per_step = dict.fromkeys(int8, int8_bytes)
     rows = []
     with torch.no_grad():
         # Also the warm-up (and compiles), all before any timing so that a failure shows early.
@@ -173,7 +178,7 @@ def main() -> None:
         f"shape {args.shape}, {datetime.date.today()}, {cpu} ({torch.get_num_threads()} threads), torch "
         f"{torch.__version__}, transformers {transformers.__version__}, {args.rounds} rounds; measured limits: "
         f"{bandwidth / 1e9:.1f} GB/s read, {flops / 1e9:.0f} GFLOP/s fp32 matmul; fp32 weights "
-        f"{weight_bytes(ours) / 2**20:.0f} MiB/step, int8 {bytes_per_step['ours int8'] / 2**20:.0f} MiB/step",
+        f"{weight_bytes(ours) / 2**20:.0f} MiB/step, int8 {int8_bytes / 2**20:.0f} MiB/step",
         ["workload", "variant", "tok/s (samples/s)", "of limit", "ratio vs transformers", "peak MiB"],
         rows,
     )

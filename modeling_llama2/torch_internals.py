@@ -13,6 +13,7 @@ import torch
 WRITTEN_FOR = "torch >= 2.13, < 2.15"
 FAST_CPU = "the CPU kernels (`use_cpu_kernels`)"
 INT8_CPU = "fbgemm's int8 linear (`quantize_int8` on a CPU)"
+INT8PACK_CPU = "aten's weight-only int8 matmul (`quantize_int8(activations='float')` on a CPU, one row)"
 META_EXPORT = "`hf-to-meta`"
 
 _missing: dict[str, list[str]] = {}  # feature -> what this torch lacks of what it needs
@@ -49,6 +50,7 @@ for _feature, _namespace, _name in [
     (FAST_CPU, "mkldnn", "_linear_pointwise"),
     (INT8_CPU, "quantized", "linear_dynamic"),
     (INT8_CPU, "quantized", "linear_prepack"),
+    (INT8PACK_CPU, "aten", "_weight_int8pack_mm"),
 ]:
     if not _has_op(_namespace, _name):
         _missing.setdefault(_feature, []).append(f"torch.ops.{_namespace}.{_name}")
@@ -79,6 +81,12 @@ def fbgemm_int8_linear_2d(x: torch.Tensor, packed: torch.ScriptObject) -> torch.
     # reduce_range=False keeps 8-bit activations (True: 7), which cut the logit error here by 40%; it relies on
     # VNNI's int32 accumulation, as fbgemm's int16 pair sums can saturate without it.
     return torch.ops.quantized.linear_dynamic(x, packed, False)
+
+
+def int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`(x @ weight^T) * scale` for a 2-D `x` and an int8 `weight`, in `x`'s precision (weight-only int8): aten's
+    kernel that converts each weight as it reads it, which torch exposes only as this private operator."""
+    return torch._weight_int8pack_mm(x, weight, scale)
 
 
 def fbgemm_pack_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:

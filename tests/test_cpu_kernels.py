@@ -92,8 +92,8 @@ def test_compiled_greedy_tokens_match_the_eager_model(model):
         assert torch.equal(generate(copy.deepcopy(fast), ids, max_new_tokens=12, compile=False), out)
 
 
-def test_int8_compiled_step_at_one_row_is_weight_only(model):
-    quantized = quantize_int8(copy.deepcopy(model))
+def test_weight_only_int8_compiled_step_at_one_row_is_the_dequantized_model(model):
+    quantized = quantize_int8(copy.deepcopy(model), activations="float")
     dequantized = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -101,13 +101,13 @@ def test_int8_compiled_step_at_one_row_is_weight_only(model):
                 dequantized.get_submodule(name).weight.copy_(module.weight.float() * module.weight_scale[:, None])
     ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
-    # At one row the compiled step is weight-only int8: the fp32 model holding the dequantized weights.
+    # The compiled one-row loop (the activations are not rounded): the fp32 model holding the dequantized weights.
     assert torch.equal(generate(quantized, ids, max_new_tokens=12), generate(dequantized, ids, max_new_tokens=12))
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
-def test_int8_compiled_step_calls_fbgemm_for_several_rows_and_matches_eager(model):
-    quantized = quantize_int8(copy.deepcopy(model))
+def test_int8_activations_compiled_step_calls_fbgemm_for_several_rows_and_matches_eager(model):
+    quantized = quantize_int8(copy.deepcopy(model), activations="int8")
     ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(1))
     eager = generate(quantized, ids, max_new_tokens=12, compile=False)
     assert all(m._packed is not None for m in quantized.modules() if isinstance(m, Int8Linear))

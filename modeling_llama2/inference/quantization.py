@@ -1,52 +1,93 @@
-"""Weight-only int8 linear layers: each `nn.Linear` weight becomes int8 with one fp32 scale per output channel
-(symmetric, absmax / 127), saved and loaded through safetensors under the original parameter names plus a
-`weight_scale` beside each quantized `weight`.
+"""Int8 linear layers: each `nn.Linear` weight becomes int8 with one fp32 scale per output channel (symmetric,
+absmax / 127), saved and loaded through safetensors under the original parameter names plus a `weight_scale`
+beside each quantized `weight`.
 
-Decoding reads every weight once per token, so a quarter of the bytes is up to four times the speed. Kernels,
-measured on this project's 2-core x86 CPU (torch 2.13, fp32 GEMV 32000x768 as 1x):
-- fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, prepacked weights): 3-16x faster. It
-  also rounds the activations to 8 bits per tensor at run time, which the logit-error test bounds.
-- `torch.ops.aten._weight_int8pack_mm`: about 2-30x slower. Dequantize-then-matmul: about 5x slower eager and
-  still about 10x slower under `torch.compile`.
-So on a CPU, inside `torch.compile` and for one row (batch-1 decoding), the product is
-`cpu_kernels.reduction_linear`, one compiled loop that reads the int8 weight and converts it as it goes (weight-only
-int8: the activations are not rounded, so these logits are closer to fp32 than fbgemm's); for more rows, or eagerly,
-fbgemm is called (through `cpu_kernels`' custom op; the private torch APIs are `torch_internals`'); elsewhere it
-computes `linear(x, int8 -> dtype) * scale`, which
-inductor fuses into one weight-streaming kernel on GPUs.
+Decoding reads every weight once per token, so a quarter of the bytes is up to four times the speed. The numerics
+are the user's choice (`quantize_int8(model, activations=...)`, saved with the weights); where a product runs
+only picks the kernel:
+- "float" (weight-only): y = x (W_int8 * scale)^T + b with `x` unrounded, on every path equal (to float rounding)
+  to the fp32 model holding the dequantized weights.
+- "int8": `x` is also rounded to 8 bits at run time, one scale and zero point per call for all its rows (fbgemm's
+  dynamic quantization, `torch.quantize_per_tensor` with `torch._choose_qparams_per_tensor`'s parameters), so a
+  row's logits depend slightly on the other rows of its batch. The logit error against fp32 grows by about half.
+
+Kernels on a CPU (fp32 activations):
+- one row inside `torch.compile` (the batch-1 decode step): `cpu_kernels.reduction_linear`, one compiled loop that
+  converts the int8 weight as it reads it, in both modes ("int8" rounds `x` first, in tensor ops that inductor
+  fuses into the step).
+- otherwise "int8" calls fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on prepacked weights,
+  through `cpu_kernels`' custom op, also inside a compiled graph); "float" calls aten's weight-only
+  `_weight_int8pack_mm` for one row and dequantizes the weight for a BLAS matmul for several.
+Elsewhere (GPUs) `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming kernel.
 """
 
 import os
 import warnings
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import torch_internals
 from ..configuration_llama2 import Llama2Config
 from ..modeling_llama2 import Llama2ForCausalLM
+from ..torch_internals import INT8PACK_CPU
 from .cpu_kernels import PackedWeight, fbgemm_int8_linear, reduction_linear, use_reduction
 
 WEIGHTS_NAME = "model.int8.safetensors"
+ACTIVATIONS = ("float", "int8")
+DEFAULT_ACTIVATIONS = "float"
+MIN_SCALE = 6.1e-5  # fbgemm's smallest activation scale (`quant_utils::ChooseQuantizationParams`)
+
+
+def check_activations(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise ValueError(
+            f"activations={activations!r} is not an int8 mode: pass 'float' (weight-only int8) or 'int8' (weights "
+            "and activations)."
+        )
+    return activations
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded to 8 bits as fbgemm's dynamic int8 linear rounds it, in tensor ops (so also inside a compiled
+    graph and on any device): the range [min(x, 0), max(x, 0)] in 255 steps with an integer zero point, as torch's
+    `_choose_qparams_per_tensor` picks them, then `(clamp(round(x / scale + zero_point), 0, 255) - zero_point) *
+    scale`."""
+    x32 = x.float()
+    low, high = x32.amin().clamp(max=0).double(), x32.amax().clamp(min=0).double()
+    steps = 255 / (high - low).clamp(min=1e-300)  # 1 / scale (an all-zero x stays zero)
+    # The zero point from either end of the range: equal but for rounding, so fbgemm takes the one of smaller terms.
+    from_low, from_high = -low * steps, 255 - high * steps
+    zero_point = torch.where(-(low * steps).abs() < 255 - (high * steps).abs(), from_low, from_high)
+    zero_point = torch.round(zero_point).clamp(0, 255).float()
+    scale = (1 / steps).float().clamp(min=MIN_SCALE)
+    return ((torch.clamp(torch.round(x32 * (1 / scale) + zero_point), 0, 255) - zero_point) * scale).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
-    """`nn.Linear` with an int8 weight and a per-output-channel fp32 `weight_scale`: y = (x W^T) * scale + b."""
+    """`nn.Linear` with an int8 weight and a per-output-channel fp32 `weight_scale`: y = (x W^T) * scale + b, with
+    `x` rounded to 8 bits first where `activations` is "int8"."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, *, activations: str = "float"
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.activations = check_activations(activations)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self._packed: PackedWeight | None = None  # fbgemm's prepacked weight, built on first eager use
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, *, activations: str = "float") -> "Int8Linear":
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=weight.device)
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, weight.device, activations=activations
+        )
         module.weight.copy_(torch.round(weight / scale[:, None]).clamp(-127, 127))
         module.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -55,7 +96,8 @@ class Int8Linear(nn.Module):
 
     def _use_fbgemm(self, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
+            self.activations == "int8"
+            and x.device.type == "cpu"
             and x.dtype == torch.float32
             and "fbgemm" in torch.backends.quantized.supported_engines
             and (self._packed is not None or not torch.compiler.is_compiling())  # packing is not traceable
@@ -71,12 +113,17 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_reduction(x):
-            y = reduction_linear(x, self.weight) * self.weight_scale.to(x.dtype)
-        elif self._use_fbgemm(x):
+        if self._use_fbgemm(x) and not use_reduction(x):
             return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
+        if self.activations == "int8":
+            x = round_activations(x)
+        scale = self.weight_scale.to(x.dtype)
+        if use_reduction(x):
+            y = reduction_linear(x, self.weight) * scale
+        elif x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
+            y = torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
         else:
-            y = nn.functional.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+            y = nn.functional.linear(x, self.weight.to(x.dtype)) * scale
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def __getstate__(self) -> dict:
@@ -87,7 +134,10 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activations={self.activations!r}"
+        )
 
 
 def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> None:
@@ -99,31 +149,58 @@ def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> No
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` of `model` (in place) by its int8 `Int8Linear`; embeddings and norms stay."""
-    replace_linears(model, Int8Linear.from_linear)
+def quantize_int8(model: nn.Module, *, activations: str = DEFAULT_ACTIVATIONS) -> nn.Module:
+    """Replace every `nn.Linear` of `model` (in place) by its int8 `Int8Linear`; embeddings and norms stay.
+    `activations`: "float" (weight-only) or "int8" (activations rounded too; see the module's docstring)."""
+    check_activations(activations)
+    replace_linears(model, lambda linear: Int8Linear.from_linear(linear, activations=activations))
     return model
 
 
+def activations_of(model: nn.Module) -> str:
+    """The `activations` mode of `model`'s `Int8Linear`s (one for all of them)."""
+    modes = {m.activations for m in model.modules() if isinstance(m, Int8Linear)}
+    if len(modes) != 1:
+        raise ValueError(f"expected one int8 activations mode for the whole model, found {sorted(modes) or 'none'}.")
+    return modes.pop()
+
+
 def save_quantized(model: Llama2ForCausalLM, save_directory: str | os.PathLike) -> None:
-    """Write `config.json` and the int8 weights, scales and remaining float tensors as one safetensors file."""
+    """Write `config.json` and the int8 weights, scales and remaining float tensors as one safetensors file, whose
+    metadata records the activations mode."""
+    metadata = {"format": "pt", "quantization": "int8", "activations": activations_of(model)}
     os.makedirs(save_directory, exist_ok=True)
     model.config.save_pretrained(save_directory)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "quantization": "int8"})
+    save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
 
 
 @torch.no_grad()
-def load_quantized(save_directory: str | os.PathLike, device: str | torch.device = "cpu") -> Llama2ForCausalLM:
+def load_quantized(
+    save_directory: str | os.PathLike, device: str | torch.device = "cpu", *, activations: str | None = None
+) -> Llama2ForCausalLM:
     """Rebuild the model of a `save_quantized` directory: the linears that have a `weight_scale` in the file
-    become `Int8Linear`s, and every tensor is loaded strictly."""
+    become `Int8Linear`s with the activations mode it was saved with (or `activations`; a file that records none
+    gets `DEFAULT_ACTIVATIONS`), and every tensor is loaded strictly."""
+    path = os.path.join(save_directory, WEIGHTS_NAME)
+    if activations is None:
+        with safe_open(path, "pt") as f:
+            activations = (f.metadata() or {}).get("activations", DEFAULT_ACTIVATIONS)
+        if activations not in ACTIVATIONS:
+            raise ValueError(
+                f"{path} records activations={activations!r}, which is not an int8 mode: pass "
+                "load_quantized(..., activations='float' or 'int8')."
+            )
+    check_activations(activations)
     config = Llama2Config.from_pretrained(save_directory)
-    state = load_file(os.path.join(save_directory, WEIGHTS_NAME), device=str(device))
+    state = load_file(path, device=str(device))
     quantized = {key.removesuffix(".weight_scale") for key in state if key.endswith(".weight_scale")}
     with torch.device(device):
         model = Llama2ForCausalLM(config)
     replace_linears(
-        model, lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None, device=device), quantized
+        model,
+        lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None, device, activations=activations),
+        quantized,
     )
     model.load_state_dict(state, strict=True)
     return model.eval()
