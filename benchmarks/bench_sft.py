@@ -12,9 +12,10 @@ without it, as ours trains.
 
 Each run is a fresh process with a fresh datasets cache, as a first run is: the peak RSS (`ru_maxrss`) is then the
 whole run's, from reading and tokenizing the data to the last step, and owes nothing to what an earlier run left in the
-allocator or the cache. The rounds alternate the two (order rotated) and pair them: a round's ratio is ours / TRL's
-useful tokens per second of training (`train_runtime`), useful being the tokens the loss is taken on (neither prompt
-nor padding, counted from each batch's labels). Prints the median [interval] of the ratios over rounds.
+allocator or the cache. Each round runs the three in turn (order rotated) and pairs them: a round's ratio is ours / a
+TRL run's useful tokens per second of training (`train_runtime`), useful being the tokens the loss is taken on
+(neither prompt nor padding, counted from each batch's labels), and ours / its peak RSS. Prints the median [95%
+interval, or min and max with too few rounds] of the ratios over rounds.
 """
 
 import argparse
