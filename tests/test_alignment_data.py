@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import datasets
+import pyarrow.feather
 import pytest
 import torch
 from accelerate import FullyShardedDataParallelPlugin
@@ -105,7 +106,7 @@ def test_dataset_reads_csv_arrow_saved_folders_and_hub_layouts(tmp_path, tokeniz
         data.to_csv(tmp_path / "sft.csv", index=False)
         path = tmp_path / "sft.csv"
     elif form == "arrow":  # an Arrow IPC file, as `pyarrow.feather` writes it
-        __import__("pyarrow.feather").feather.write_feather(data.data.table, tmp_path / "sft.arrow")
+        pyarrow.feather.write_feather(data.data.table, tmp_path / "sft.arrow")
         path = tmp_path / "sft.arrow"
     elif form == "save_to_disk":
         data.save_to_disk(path := tmp_path / "saved")
