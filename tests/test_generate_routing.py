@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, CompileConfig, StaticCache, pipel
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2.inference import generate_routing
 
 from .alignment_helpers import alignment_config, tiny_config
 
@@ -231,6 +232,26 @@ def test_the_step_is_eager_unless_compile_config_asks(model):
         ids, max_new_tokens=12, cache_implementation="static", compile_config=eager_backend, disable_compile=True
     )
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_step_compiles_once_eager_steps_took_what_a_compile_costs(monkeypatch):
+    monkeypatch.setattr(generate_routing, "COMPILE_AFTER_SECONDS", 1e-9)  # the first call's loop takes longer
+    monkeypatch.setattr(generate_routing, "AUTO_COMPILE_CONFIG", CompileConfig(backend="eager", fullgraph=True))
+    torch.manual_seed(0)
+    model = Llama2ForCausalLM(tiny_config()).eval()
+    ids = prompts(1, 6, seed=6)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = dict(max_new_tokens=10, do_sample=False, cache_implementation="static")
+    default = model.generate(ids, max_new_tokens=10, do_sample=False)
+    eager = model.generate(ids, **kwargs)
+    assert not counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(ids, disable_compile=True, **kwargs), default)
+    assert not counters["stats"]["unique_graphs"]
+    compiled, seen = forwards(model, model.generate, ids, **kwargs)
+    assert counters["stats"]["unique_graphs"] == 1 and routed(seen, 6)
+    assert torch.equal(eager, default) and torch.equal(compiled, default)
 
 
 def test_the_route_sizes_its_cache_as_transformers_does(monkeypatch):

@@ -8,19 +8,30 @@ new token is one call of a fixed-shape step; there is no per-token input prepara
 scores come from `generate`'s own processors, in its order, and a sample from `torch.multinomial` on their
 softmax: the same draws at the same RNG state, so greedy and seeded sampled tokens equal the default `generate`'s.
 
-The step runs eagerly unless `generation_config.compile_config` is set (or, as in transformers, on CUDA or XPU),
-and never with `disable_compile`: compiling it costs the first call tens of seconds on a CPU, which a short
-generation never earns back. Everything `sample` declines (`unsupported` says why) runs in transformers' loop.
+Compiling the step costs tens of seconds on a CPU, which a short generation never earns back: it runs eagerly
+until this model has spent `COMPILE_AFTER_SECONDS` in eager decoding (then compiled, for the rest of the process),
+compiled at once with `generation_config.compile_config` (and, as in transformers, on CUDA or XPU), and never with
+`disable_compile`. Everything `sample` declines (`unsupported` says why) runs in transformers' loop.
 """
 
+import logging
+import time
+import weakref
+
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StaticCache, StoppingCriteriaList
-from transformers.utils import logging
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StaticCache,
+    StoppingCriteriaList,
+)
 
 from .. import torch_internals
 from . import decoding
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 # What `generate` passes on for a decoder-only prompt of token ids (the tokenizer: stop strings, already in the
 # stopping criteria); anything else (`inputs_embeds`, `output_attentions`, extra model inputs) goes to transformers'
@@ -28,6 +39,13 @@ logger = logging.get_logger(__name__)
 ROUTED_KWARGS = {"attention_mask", "position_ids", "cache", "logits_to_keep", "use_cache", "tokenizer"}
 # On these, transformers compiles a static-cache decode step unless told not to (`disable_compile`).
 COMPILED_BY_DEFAULT = ("cuda", "xpu")
+# Compile a model's step once its eager steps have lost about what compiling costs (the ski-rental rule: never
+# more than twice the time of the better choice made in hindsight). Measured on the 15M shape, one CPU thread: a
+# compile costs the first call ~40 s (7 s with inductor's on-disk cache warm) and makes steps 1.4-3.8x faster, so eager
+# steps lose 30-75% of their time, and a minute of them about one compile.
+COMPILE_AFTER_SECONDS = 60.0
+AUTO_COMPILE_CONFIG: CompileConfig | None = None  # transformers' default
+_eager_seconds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> seconds in eager decode loops
 
 
 def unsupported(
@@ -82,21 +100,20 @@ def sample(
     attention_mask = model_kwargs.get("attention_mask")  # None when no row is padded (`generate` drops all-ones)
     slots = model_kwargs["cache"].get_max_length()  # max_length - 1, or more to match earlier calls (no recompile)
     logits, cache = decoding.prefill(model, input_ids, slots, attention_mask=attention_mask)
+    logits = logits.float()
     positions, slots_mask = None, None
     if attention_mask is not None:
         positions, slots_mask = decoding.padded_step_inputs(attention_mask, cache)
-    compile = not generation_config.disable_compile and (
-        generation_config.compile_config is not None or model.device.type in COMPILED_BY_DEFAULT
-    )
-    forward = model.get_compiled_call(generation_config.compile_config) if compile else model
+    forward = compiled_forward(model, generation_config) or model
     # Rows that stop continue with the pad id `generate` resolved (the first EOS id when none is set); transformers
     # keeps it only in this private attribute of its working copy of the configuration.
     pad_token_id = generation_config._pad_token_tensor
     pads_finished = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    start = time.perf_counter()
     with torch_internals.recompile_limit(decoding.MAX_COMPILED_STEPS):
         for _ in range(generation_config.max_length - input_ids.shape[1]):
-            scores = logits_processor(input_ids, logits.to(copy=True, dtype=torch.float32))
+            scores = logits_processor(input_ids, logits)
             if generation_config.do_sample:
                 tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
@@ -111,15 +128,31 @@ def sample(
                 break
             logits = step(forward, tokens, cache, positions, slots_mask)
             positions = None if positions is None else positions + 1
+    if forward is model:
+        _eager_seconds[model] = _eager_seconds.get(model, 0.0) + time.perf_counter() - start
     if streamer is not None:
         streamer.end()
     return input_ids
 
 
+def compiled_forward(model: PreTrainedModel, generation_config: GenerationConfig):
+    """The compiled forward the steps call (`PreTrainedModel.get_compiled_call`, kept on the model), or None to run
+    them eagerly."""
+    if generation_config.disable_compile:
+        return None
+    if generation_config.compile_config is not None or model.device.type in COMPILED_BY_DEFAULT:
+        return model.get_compiled_call(generation_config.compile_config)
+    if _eager_seconds.get(model, 0.0) >= COMPILE_AFTER_SECONDS:
+        return model.get_compiled_call(AUTO_COMPILE_CONFIG)
+    return None
+
+
 def step(
     forward, tokens: torch.Tensor, cache: StaticCache, positions: torch.Tensor | None, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Last-position logits of feeding `tokens` (batch,) at the cache's next slot: the fixed-shape decode step."""
-    return forward(
+    """Last-position logits (fp32, a copy: a CUDA graph's next replay overwrites its outputs) of feeding `tokens`
+    (batch,) at the cache's next slot: the fixed-shape decode step."""
+    logits = forward(
         input_ids=tokens[:, None], cache=cache, use_cache=True, position_ids=positions, attention_mask=mask
-    ).logits[:, -1]
+    ).logits
+    return logits[:, -1].to(copy=True, dtype=torch.float32)
