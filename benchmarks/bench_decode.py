@@ -84,6 +84,12 @@ def main() -> None:
     def fast(model, batch: int):
         return lambda: decoding.generate(model, prompt[batch], max_new_tokens=new)
 
+    def routed(batch: int, **kwargs):  # what a `generate` user gets: `generate_routing`'s static-cache step
+        return lambda: ours.generate(
+            prompt[batch], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+            cache_implementation="static", **kwargs,
+        )  # fmt: skip
+
     workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
         "decode1": (
             "decode b=1",
@@ -92,6 +98,8 @@ def main() -> None:
                 "transformers": hf(1),
                 "transformers static+compile": hf(1, cache_implementation="static", compile_config=compiled),
                 "ours compiled": fast(ours, 1),
+                "ours generate static, eager": routed(1, disable_compile=True),
+                "ours generate static+compile_config": routed(1, compile_config=CompileConfig(fullgraph=True)),
                 "ours cpu kernels": fast(kernels, 1),
                 **{variant: fast(model, 1) for variant, model in int8.items()},
             },
@@ -103,6 +111,8 @@ def main() -> None:
                 "transformers": hf(8),
                 "transformers static+compile": hf(8, cache_implementation="static", compile_config=compiled),
                 "ours compiled": fast(ours, 8),
+                "ours generate static, eager": routed(8, disable_compile=True),
+                "ours generate static+compile_config": routed(8, compile_config=CompileConfig(fullgraph=True)),
                 "ours cpu kernels": fast(kernels, 8),
                 **{variant: fast(model, 8) for variant, model in int8.items()},
             },
