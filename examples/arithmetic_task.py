@@ -99,15 +99,17 @@ def preference_pair(problem: Problem, rng: random.Random, rejected: str | None =
     return {"prompt": question(problem), "chosen": problem.answer, "rejected": rejected, "rating": rating(wrong)}
 
 
-def safety_pair(problem: Problem, rejected: str | None = None) -> dict:
-    """A comparison for the safety reward model. An unsafe request: the refusal over complying (`rejected`, by
-    default the sorted digits), significantly better. A safe one: answering over refusing, better, so that the
-    safety model does not take every answer for a violation (the paper's safety data holds helpful answers too)."""
+def safety_pair(problem: Problem, compliance: str | None = None) -> dict:
+    """A comparison for the safety reward model, around `compliance`, an answer that attempts the sorting (by default
+    the sorted digits). An unsafe request: the refusal over complying, significantly better. A safe one: complying
+    over refusing, better, right or wrong: any answer to a safe request is safe, and a safety model that took a
+    wrong one for a violation would hand its ranking to the safety score under the combined reward (the paper's
+    safety data holds helpful answers too)."""
+    compliance = problem.answer if compliance is None else compliance
     if is_unsafe(problem):
-        compliance = problem.answer if rejected is None else rejected
         return {"prompt": question(problem), "chosen": REFUSAL, "rejected": compliance,
                 "rating": "significantly better", "objective": "safety"}  # fmt: skip
-    return {"prompt": question(problem), "chosen": problem.answer, "rejected": REFUSAL, "rating": "better",
+    return {"prompt": question(problem), "chosen": compliance, "rejected": REFUSAL, "rating": "better",
             "objective": "safety"}  # fmt: skip
 
 

@@ -12,9 +12,10 @@
 3. fine-tunes it on chat-formatted instructions, loss on answers only (`run_sft`); the task's unsafe requests (a
    number with 13 in it) are answered with a refusal;
 4. trains the paper's two reward models from the SFT model (`run_reward_model`): helpfulness on preference pairs,
-   right answer over one of the SFT model's own wrong samples, whose rating margin grows with how wrong it is; and
-   safety, the refusal over the SFT model's own compliance with an unsafe request (and answers over refusals for
-   safe ones);
+   right answer over each of the SFT model's own wrong samples (of 16 per prompt), whose rating margin grows with
+   how wrong it is; and
+   safety, the refusal over the SFT model's own compliance with an unsafe request (and its answers, right or wrong,
+   over refusals for safe ones);
 5. samples N = 1..16 answers per new prompt, ranks them with the paper's combined reward (safety where the request
    is unsafe or the safety score is below 0.15, helpfulness otherwise), keeps the favourite (of 16, or of the first
    `--finetune-best-of`) and fine-tunes the SFT model on those (`rejection_sample`, then `run_sft`); no reference
@@ -98,11 +99,15 @@ class Sizes:
     sft_problems: int = 1000
     sft_epochs: float = 2
     sft_lr: float = 1e-3
-    pair_problems: int = 4000
+    pair_problems: int = 2000
+    pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair (about five per problem)
     sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
     safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
-    rm_lr: float = 1e-3
+    rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
+    rm_batch: int = 64
+    safety_rm_lr: float = 1e-3
+    safety_rm_batch: int = 16  # its ~540 pairs make too few steps in batches of 64
     rs_prompts: int = 1000  # per round
     rs_unsafe_prompts: int = 250  # per round, besides: refusals fade unless each round also trains on them
     rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
@@ -114,8 +119,8 @@ class Sizes:
 
 QUICK = Sizes(
     hidden_size=64, num_layers=2, pretrain_problems=500, pretrain_steps=60, sft_problems=200, sft_epochs=1,
-    pair_problems=200, sft_unsafe_problems=20, safety_pair_problems=40, rm_epochs=1, rs_prompts=16, rs_unsafe_prompts=4,
-    rs_epochs=1, eval_problems=32, eval_unsafe_problems=8,
+    pair_problems=200, pair_samples=4, sft_unsafe_problems=20, safety_pair_problems=40, rm_epochs=1, rs_prompts=16,
+    rs_unsafe_prompts=4, rs_epochs=1, eval_problems=32, eval_unsafe_problems=8,
 )  # fmt: skip
 ARTEFACTS = {
     "data sets (pretraining text, SFT, pairs, prompts)": "data",
@@ -261,14 +266,15 @@ def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, r
     of safe requests, safety on refusals against the SFT model's own compliance (and, for safe requests, answers
     over refusals). Each ranks a held-out tenth of its pairs."""
     for name in ("pairs", "pairs_eval"):
-        write_pairs(out / "sft", problems[name], out / f"data/{name}.jsonl", rng)
+        write_pairs(out / "sft", problems[name], out / f"data/{name}.jsonl", rng, sizes.pair_samples)
     write_safety_pairs(out / "sft", problems["safety_pairs"], out / "data/safety_pairs.jsonl", rng)
     safety = [record for _, record in read_jsonl(str(out / "data/safety_pairs.jsonl"))]
     held_out = len(safety) // 10
     write_jsonl(str(out / "data/safety_pairs_eval.jsonl"), safety[:held_out])
     write_jsonl(str(out / "data/safety_pairs_train.jsonl"), safety[held_out:])
-    files = {"helpfulness": ("pairs", "pairs_eval", "reward_model"),
-             "safety": ("safety_pairs_train", "safety_pairs_eval", "safety_reward_model")}  # fmt: skip
+    files = {"helpfulness": ("pairs", "pairs_eval", "reward_model", sizes.rm_lr, sizes.rm_batch),
+             "safety": ("safety_pairs_train", "safety_pairs_eval", "safety_reward_model", sizes.safety_rm_lr,
+                        sizes.safety_rm_batch)}  # fmt: skip
     return {
         objective: run_reward_model(
             ModelArguments(model=str(out / "sft")),
@@ -276,9 +282,9 @@ def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, r
                 train_file=str(out / f"data/{train}.jsonl"), eval_file=str(out / f"data/{evaluation}.jsonl"),
                 objective=objective, max_length=CONTEXT,
             ),  # fmt: skip
-            trainer_args(out / model_dir, sizes.rm_epochs, sizes.rm_lr, batch=16, seed=seed),
+            trainer_args(out / model_dir, sizes.rm_epochs, lr, batch=batch, seed=seed),
         )
-        for objective, (train, evaluation, model_dir) in files.items()
+        for objective, (train, evaluation, model_dir, lr, batch) in files.items()
     }
 
 
@@ -293,24 +299,24 @@ def sft_samples(policy, tokenizer, problem: Problem, n: int) -> list[str]:
 
 
 def write_safety_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
-    """Safety comparisons: for an unsafe request, the refusal over one of `n` SFT samples that complies (or the
-    sorted digits where none does); for a safe one, the right answer over the refusal."""
+    """Safety comparisons around one of `n` SFT samples that complies (or the sorted digits where none does): for an
+    unsafe request, the refusal over it; for a safe one, it over the refusal."""
     tokenizer, policy, pairs = load_tokenizer(str(model_dir)), load_policy(model_dir), []
     for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
         complying = [s for s in sft_samples(policy, tokenizer, problem, n) if complies(s)]
-        rejected = rng.choice(complying) if complying and is_unsafe(problem) else None
-        pairs.append(safety_pair(problem, rejected))
+        pairs.append(safety_pair(problem, rng.choice(complying) if complying else None))
     write_jsonl(str(path), pairs)
 
 
-def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int = 4) -> None:
-    """Preference pairs whose rejected answer is a wrong one of `n` samples from the SFT model (on-policy, as in
-    Llama 2-Chat: the reward model learns the mistakes it will have to rank), or a made-up near miss where all are
-    right."""
+def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int) -> None:
+    """Preference pairs of the right answer over each distinct wrong one of `n` samples from the SFT model
+    (on-policy, as in Llama 2-Chat: the reward model learns the mistakes it will have to rank), or over a made-up
+    near miss where all are right. Every wrong sample, not one per prompt: a sample costs about as much to draw as
+    sixteen do (decoding is per token), and the pairs are what the reward model learns from."""
     tokenizer, policy, pairs = load_tokenizer(str(model_dir)), load_policy(model_dir), []
     for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
-        wrong = [s for s in sft_samples(policy, tokenizer, problem, n) if not is_correct(problem, s)]
-        pairs.append(preference_pair(problem, rng, rng.choice(wrong) if wrong else None))
+        wrong = dict.fromkeys(s for s in sft_samples(policy, tokenizer, problem, n) if not is_correct(problem, s))
+        pairs += [preference_pair(problem, rng, rejected) for rejected in wrong or [None]]
     write_jsonl(str(path), pairs)
 
 

@@ -121,14 +121,22 @@ def test_task_marks_unsafe_requests_and_their_refusals(recipe):
     assert task.is_right(unsafe[0], "I won't sort sort a with 13' it.")  # garbled, but no answer: declined
     assert not task.is_right(unsafe[0], "ok: 0113")  # half the digits or more: an attempt at the sorting
     assert task.is_right(safe, "01456779") and not task.is_right(safe, task.REFUSAL)
-    declines = task.safety_pair(unsafe[0], rejected="123")
+    declines = task.safety_pair(unsafe[0], compliance="123")
     assert (declines["chosen"], declines["rejected"], declines["objective"]) == (task.REFUSAL, "123", "safety")
-    assert task.safety_pair(safe)["rejected"] == task.REFUSAL
+    assert task.safety_pair(unsafe[0])["rejected"] == unsafe[0].answer
+    # a safe request: any answer, even a wrong one, is safer than refusing it
+    assert (task.safety_pair(safe, compliance="01456799")["chosen"], task.safety_pair(safe)["rejected"]) == (
+        "01456799", task.REFUSAL)  # fmt: skip
+    assert task.safety_pair(safe)["chosen"] == safe.answer
 
 
 def test_data_plot_and_rejection_sampling_data(run):
     for name in ("pretrain.txt", "sft.jsonl", "pairs.jsonl", "pairs_eval.jsonl", "eval_prompts.jsonl"):
         assert (run / "data" / name).stat().st_size > 0
+    # helpfulness pairs: the right answer over each distinct wrong sample of its prompt, never twice the same one
+    pairs = [json.loads(line) for line in (run / "data/pairs.jsonl").read_text().splitlines()]
+    assert all(p["chosen"] == "".join(sorted(p["prompt"].rstrip("="))) != p["rejected"] for p in pairs)
+    assert len({(p["prompt"], p["rejected"]) for p in pairs}) == len(pairs) > len({p["prompt"] for p in pairs})
     assert (run / "max_vs_median_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (run / "rejection_sampling_data.jsonl").read_text().splitlines()]
     assert records and all(len(record["samples"]) == 16 for record in records)
