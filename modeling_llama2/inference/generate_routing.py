@@ -40,9 +40,10 @@ ROUTED_KWARGS = {"attention_mask", "position_ids", "cache", "logits_to_keep", "u
 # On these, transformers compiles a static-cache decode step unless told not to (`disable_compile`).
 COMPILED_BY_DEFAULT = ("cuda", "xpu")
 # Compile a model's step once its eager steps have lost about what compiling costs (the ski-rental rule: never
-# more than twice the time of the better choice made in hindsight). Measured on the 15M shape, one CPU thread: a
-# compile costs the first call ~40 s (7 s with inductor's on-disk cache warm) and makes steps 1.4-3.8x faster, so eager
-# steps lose 30-75% of their time, and a minute of them about one compile.
+# more than twice the time of the better choice made in hindsight). Measured on the 15M shape (README): a compile
+# costs the first call ~40 s (7 s with inductor's on-disk cache warm) and makes a 128-token generate 1.4-1.8x
+# faster (decoding.generate's loop: up to 3.8x), so eager steps lose 30-75% of their time: a minute of them, about
+# one compile.
 COMPILE_AFTER_SECONDS = 60.0
 AUTO_COMPILE_CONFIG: CompileConfig | None = None  # transformers' default
 _eager_seconds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> seconds in eager decode loops
