@@ -71,7 +71,13 @@ class Int8Linear(nn.Module):
     `x` rounded to 8 bits first where `activations` is "int8"."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, device=None, *, activations: str = "float"
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        *,
+        activations: str = DEFAULT_ACTIVATIONS,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -82,7 +88,7 @@ class Int8Linear(nn.Module):
         self._packed: PackedWeight | None = None  # fbgemm's prepacked weight, built on first eager use
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, activations: str = "float") -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, *, activations: str = DEFAULT_ACTIVATIONS) -> "Int8Linear":
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         module = cls(
@@ -113,9 +119,9 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fbgemm(x) and not use_reduction(x):
+        if self._use_fbgemm(x):
             return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
-        if self.activations == "int8":
+        if self.activations == "int8":  # fbgemm's rounding where fbgemm cannot run
             x = round_activations(x)
         scale = self.weight_scale.to(x.dtype)
         if use_reduction(x):
