@@ -5,20 +5,30 @@ beside each quantized `weight`.
 Decoding reads every weight once per token, so a quarter of the bytes is up to four times the speed. The numerics
 are the user's choice (`quantize_int8(model, activations=...)`, saved with the weights); where a product runs
 only picks the kernel:
-- "float" (weight-only): y = x (W_int8 * scale)^T + b with `x` unrounded, on every path equal (to float rounding)
-  to the fp32 model holding the dequantized weights.
+- "float" (weight-only, the default): y = x (W_int8 * scale)^T + b with `x` unrounded, on every path equal (to
+  float rounding) to the fp32 model holding the dequantized weights.
 - "int8": `x` is also rounded to 8 bits at run time, one scale and zero point per call for all its rows (fbgemm's
-  dynamic quantization, `torch.quantize_per_tensor` with `torch._choose_qparams_per_tensor`'s parameters), so a
-  row's logits depend slightly on the other rows of its batch. The logit error against fp32 grows by about half.
+  dynamic quantization: `torch.quantize_per_tensor_dynamic(x, torch.quint8, False)`), so a row's logits depend
+  slightly on the other rows of its batch. The logit error against fp32 grows by about half (random weights, 64
+  tokens, relative L2: 0.021 -> 0.030 at 15M, 0.036 -> 0.054 at 125M, in benchmarks/README.md).
 
 Kernels on a CPU (fp32 activations):
-- one row inside `torch.compile` (the batch-1 decode step): `cpu_kernels.reduction_linear`, one compiled loop that
-  converts the int8 weight as it reads it, in both modes ("int8" rounds `x` first, in tensor ops that inductor
-  fuses into the step).
-- otherwise "int8" calls fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on prepacked weights,
-  through `cpu_kernels`' custom op, also inside a compiled graph); "float" calls aten's weight-only
-  `_weight_int8pack_mm` for one row and dequantizes the weight for a BLAS matmul for several.
+- "float": for one row inside `torch.compile` (the batch-1 decode step) `cpu_kernels.reduction_linear`, one
+  compiled loop that converts the int8 weight as it reads it; eagerly for one row (an LM head's last row,
+  transformers' `generate` loop) aten's weight-only `_weight_int8pack_mm`; for several rows the weight dequantized
+  for a BLAS matmul, which writes and reads a float copy of every weight per call.
+- "int8": fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on first eager
+  use, through `cpu_kernels`' custom op, also inside a compiled graph); before the first eager call, or without
+  fbgemm, its rounding in tensor ops (`round_activations`) before the "float" kernels. In the compiled batch-1 step
+  that rounding ran at 0.41x of weight-only speed where fbgemm ran at 0.96x (15M shape).
 Elsewhere (GPUs) `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming kernel.
+
+The default is "float": exact (the dequantized model, whatever else is in the batch) at the speed of "int8" where
+int8 weights pay most, batch-1 decoding (15M, `decoding.generate`: 0.96x [0.45, 1.96] "int8" / "float"). With
+stock torch no weight-only CPU kernel comes near fbgemm for several rows (per product 7-9x slower at 8-16 rows, 2.5x
+at 512), so pass activations="int8" for batches, best-of-N and long prompts: measured "int8" / "float" 5.8x
+(15M) and 6.1x (125M) for batch-8 decoding, 1.3x and 1.9x for a 512-token prefill (1 thread, paired rounds, a
+shared 2-core Xeon; benchmarks/bench_decode.py times both).
 """
 
 import os
