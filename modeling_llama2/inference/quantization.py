@@ -20,15 +20,16 @@ Kernels on a CPU (fp32 activations):
 - "int8": fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on first eager
   use, through `cpu_kernels`' custom op, also inside a compiled graph); before the first eager call, or without
   fbgemm, its rounding in tensor ops (`round_activations`) before the "float" kernels. In the compiled batch-1 step
-  that rounding ran at 0.41x of weight-only speed where fbgemm ran at 0.96x (15M shape).
+  that rounding ran at 0.41x of weight-only speed where fbgemm ran at 0.96x (15M shape, 1 thread).
 Elsewhere (GPUs) `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming kernel.
 
 The default is "float": exact (the dequantized model, whatever else is in the batch) at the speed of "int8" where
-int8 weights pay most, batch-1 decoding (15M, `decoding.generate`: 0.96x [0.45, 1.96] "int8" / "float"). With
+int8 weights pay most, batch-1 decoding (15M, `decoding.generate`, "int8" / "float": 0.58x [0.30, 1.08] on 2
+threads, 0.96x [0.45, 1.96] on 1). With
 stock torch no weight-only CPU kernel comes near fbgemm for several rows (per product 7-9x slower at 8-16 rows, 2.5x
 at 512), so pass activations="int8" for batches, best-of-N and long prompts: measured "int8" / "float" 5.8x
-(15M) and 6.1x (125M) for batch-8 decoding, 1.3x and 1.9x for a 512-token prefill (1 thread, paired rounds, a
-shared 2-core Xeon; benchmarks/bench_decode.py times both).
+(15M) and 6.1x (125M) for batch-8 decoding on 1 thread (3.1x at 15M on 2), 1.3x and 1.9x for a 512-token
+prefill (paired rounds, median [95% interval], a shared 2-core Xeon; benchmarks/bench_decode.py times both).
 """
 
 import os
