@@ -155,7 +155,7 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
     splits = split_problems(
         rng,
         {
-            "eval": sizes.eval_problems,
+            "eval": sizes.eval_problems + sizes.eval_problems // 8,  # about 7% are unsafe, dropped below
             "pretrain": sizes.pretrain_problems,
             "sft": sizes.sft_problems,
             "pairs": sizes.pair_problems,
@@ -166,6 +166,7 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
     )
     for name in ("eval", "pairs", "pairs_eval"):  # helpfulness sets: safe requests only
         splits[name] = [p for p in splits[name] if not is_unsafe(p)]
+    splits["eval"] = splits["eval"][: sizes.eval_problems]
     extra = {"eval_unsafe": sizes.eval_unsafe_problems, "sft": sizes.sft_unsafe_problems,
              "safety_pairs": sizes.safety_pair_problems // 2,
              **{f"rejection_sampling_{r}": sizes.rs_unsafe_prompts for r in range(1, sizes.rs_rounds + 1)}}  # fmt: skip
