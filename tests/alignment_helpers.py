@@ -53,6 +53,11 @@ def tiny_config(**overrides) -> Llama2Config:
     return Llama2Config(**{**TINY, **overrides})
 
 
+def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Random prompt ids for a `tiny_config` model (no pad id 0, no id past its vocabulary)."""
+    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 def alignment_config(vocab_size: int, **overrides) -> Llama2Config:
     return tiny_config(**{**ALIGNMENT, "vocab_size": vocab_size, **overrides})
 

@@ -9,17 +9,13 @@ import torch
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.inference.decoding import decode, generate, prefill, sample_n, select_next
 
-from .conftest import tiny_config
+from .alignment_helpers import prompts, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return Llama2ForCausalLM(tiny_config()).eval()
-
-
-def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:

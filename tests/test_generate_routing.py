@@ -10,7 +10,7 @@ from transformers.generation.streamers import BaseStreamer
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.inference import generate_routing
 
-from .alignment_helpers import alignment_config, tiny_config
+from .alignment_helpers import alignment_config, prompts, tiny_config
 
 SAMPLED = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
 
@@ -19,10 +19,6 @@ SAMPLED = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
 def model():
     torch.manual_seed(0)
     return Llama2ForCausalLM(tiny_config()).eval()
-
-
-def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def left_padded(pads: list[int], length: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
