@@ -76,19 +76,19 @@ def main() -> None:
     compiled = CompileConfig(fullgraph=True)
     compiled._compile_all_devices = True  # transformers compiles the CPU decode step only when asked this way
 
-    def hf(batch: int, **kwargs):
-        return lambda: ref.generate(
+    def generate_call(model, batch: int, **kwargs):  # greedy `generate` of exactly `new` tokens
+        return lambda: model.generate(
             prompt[batch], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs
         )
+
+    def hf(batch: int, **kwargs):
+        return generate_call(ref, batch, **kwargs)
 
     def fast(model, batch: int):
         return lambda: decoding.generate(model, prompt[batch], max_new_tokens=new)
 
     def routed(batch: int, **kwargs):  # what a `generate` user gets: `generate_routing`'s static-cache step
-        return lambda: ours.generate(
-            prompt[batch], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-            cache_implementation="static", **kwargs,
-        )  # fmt: skip
+        return generate_call(ours, batch, cache_implementation="static", **kwargs)
 
     workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
         "decode1": (
