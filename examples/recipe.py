@@ -100,7 +100,8 @@ class Sizes:
     sft_epochs: float = 2
     sft_lr: float = 1e-3
     pair_problems: int = 2000
-    pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair (about five per problem)
+    pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair, up to `pairs_per_problem`
+    pairs_per_problem: int = 4  # the RM's training time then stays under 2000 x 4 pairs, whatever the SFT error rate
     sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
     safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
@@ -119,8 +120,8 @@ class Sizes:
 
 QUICK = Sizes(
     hidden_size=64, num_layers=2, pretrain_problems=500, pretrain_steps=60, sft_problems=200, sft_epochs=1,
-    pair_problems=200, pair_samples=4, sft_unsafe_problems=20, safety_pair_problems=40, rm_epochs=1, rs_prompts=16,
-    rs_unsafe_prompts=4, rs_epochs=1, eval_problems=32, eval_unsafe_problems=8,
+    pair_problems=200, pair_samples=4, pairs_per_problem=2, sft_unsafe_problems=20, safety_pair_problems=40,
+    rm_epochs=1, rs_prompts=16, rs_unsafe_prompts=4, rs_epochs=1, eval_problems=32, eval_unsafe_problems=8,
 )  # fmt: skip
 ARTEFACTS = {
     "data sets (pretraining text, SFT, pairs, prompts)": "data",
@@ -267,7 +268,9 @@ def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, r
     of safe requests, safety on refusals against the SFT model's own compliance (and, for safe requests, answers
     over refusals). Each ranks a held-out tenth of its pairs."""
     for name in ("pairs", "pairs_eval"):
-        write_pairs(out / "sft", problems[name], out / f"data/{name}.jsonl", rng, sizes.pair_samples)
+        write_pairs(
+            out / "sft", problems[name], out / f"data/{name}.jsonl", rng, sizes.pair_samples, sizes.pairs_per_problem
+        )
     write_safety_pairs(out / "sft", problems["safety_pairs"], out / "data/safety_pairs.jsonl", rng)
     safety = [record for _, record in read_jsonl(str(out / "data/safety_pairs.jsonl"))]
     held_out = len(safety) // 10
@@ -309,15 +312,16 @@ def write_safety_pairs(model_dir: Path, problems: list[Problem], path: Path, rng
     write_jsonl(str(path), pairs)
 
 
-def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int) -> None:
-    """Preference pairs of the right answer over each distinct wrong one of `n` samples from the SFT model
-    (on-policy, as in Llama 2-Chat: the reward model learns the mistakes it will have to rank), or over a made-up
-    near miss where all are right. Every wrong sample, not one per prompt: a sample costs about as much to draw as
-    sixteen do (decoding is per token), and the pairs are what the reward model learns from."""
+def write_pairs(model_dir: Path, problems: list[Problem], path: Path, rng: random.Random, n: int, most: int) -> None:
+    """Preference pairs of the right answer over distinct wrong ones (`most` at random) of `n` samples from the SFT
+    model (on-policy, as in Llama 2-Chat: the reward model learns the mistakes it will have to rank), or over a
+    made-up near miss where all are right. Several wrong samples, not one per prompt: a sample costs about as much
+    to draw as sixteen do (decoding is per token), and the pairs are what the reward model learns from."""
     tokenizer, policy, pairs = load_tokenizer(str(model_dir)), load_policy(model_dir), []
     for problem in tqdm(problems, desc=f"sampling {path.stem}", unit="prompt"):
-        wrong = dict.fromkeys(s for s in sft_samples(policy, tokenizer, problem, n) if not is_correct(problem, s))
-        pairs += [preference_pair(problem, rng, rejected) for rejected in wrong or [None]]
+        wrong = list(dict.fromkeys(s for s in sft_samples(policy, tokenizer, problem, n) if not is_correct(problem, s)))
+        rejected = rng.sample(wrong, min(most, len(wrong))) if wrong else [None]
+        pairs += [preference_pair(problem, rng, answer) for answer in rejected]
     write_jsonl(str(path), pairs)
 
 

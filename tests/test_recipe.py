@@ -3,6 +3,7 @@
 Quality is not asserted: the quick sizes are too small for the numbers to mean anything.
 """
 
+import collections
 import importlib.util
 import json
 import math
@@ -133,10 +134,14 @@ def test_task_marks_unsafe_requests_and_their_refusals(recipe):
 def test_data_plot_and_rejection_sampling_data(run):
     for name in ("pretrain.txt", "sft.jsonl", "pairs.jsonl", "pairs_eval.jsonl", "eval_prompts.jsonl"):
         assert (run / "data" / name).stat().st_size > 0
-    # helpfulness pairs: the right answer over each distinct wrong sample of its prompt, never twice the same one
+    # helpfulness pairs: the right answer over distinct wrong samples of its prompt, never twice the same one, and
+    # no more of them per prompt than the sizes allow
     pairs = [json.loads(line) for line in (run / "data/pairs.jsonl").read_text().splitlines()]
     assert all(p["chosen"] == "".join(sorted(p["prompt"].rstrip("="))) != p["rejected"] for p in pairs)
     assert len({(p["prompt"], p["rejected"]) for p in pairs}) == len(pairs) > len({p["prompt"] for p in pairs})
+    sizes = json.loads((run / "metrics.json").read_text())["sizes"]
+    per_prompt = collections.Counter(p["prompt"] for p in pairs)
+    assert max(per_prompt.values()) == sizes["pairs_per_problem"] < sizes["pair_samples"]
     assert (run / "max_vs_median_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (run / "rejection_sampling_data.jsonl").read_text().splitlines()]
     assert records and all(len(record["samples"]) == 16 for record in records)
