@@ -1,5 +1,5 @@
 """Llama 2's causal-LM loss: transformers' `ForCausalLMLoss`, same arguments and value, without its logits-sized
-copies.
+copies; and the same loss taken from the hidden states and the LM head's weight without the logits at all.
 
 This file is copied beside saved weights with the model's, for `trust_remote_code=True`: it imports only torch and
 transformers.
@@ -54,6 +54,72 @@ class TokenCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """`TokenCrossEntropy` of the logits `hidden @ weight.T`, which are never whole in memory: the LM head runs over
+    blocks of tokens, and each block's gradients are taken at once in the forward pass, since they are linear in the
+    loss's incoming gradient (a scalar), which the backward pass only multiplies in.
+
+    A training step then holds one block of logits (about 64 MB of fp32) instead of the logits and their gradient
+    (each 32000 floats a token) for the same matrix products, so the same speed. Values and gradients equal the
+    logits path's up to float rounding; the weight's gradient is summed over the blocks in fp32."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        divisor: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        counted = targets != ignore_index
+        targets = torch.where(counted, targets, 0)
+        divisor = counted.sum() if divisor is None else torch.as_tensor(divisor, device=hidden.device)
+        row_scale = torch.where(counted, 1 / divisor, 0.0)  # d loss / d summed token loss, zero on ignored rows
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = _head_block_rows(weight)
+        for start in range(0, hidden.shape[0], rows):
+            block = slice(start, start + rows)
+            logits = (hidden[block] @ weight.T).float()
+            target = targets[block, None]
+            target_logits = logits.gather(1, target).squeeze(1)
+            # log-sum-exp in place: `torch.logsumexp` would allocate a second block; the exponentials are kept
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+            log_sum_exp = (row_max + exp_sum.log()).squeeze(1)
+            total += torch.where(counted[block], log_sum_exp - target_logits, 0.0).sum()
+            if need_hidden or need_weight:
+                scale = row_scale[block, None]
+                grad = logits.mul_(scale / exp_sum).scatter_add_(1, target, -scale)  # softmax minus one-hot, scaled
+                if need_hidden:
+                    grad_hidden[block] = grad.to(hidden.dtype) @ weight
+                if need_weight:
+                    grad_weight.addmm_(grad.T, hidden[block].float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / divisor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _head_block_rows(weight: torch.Tensor) -> int:
+    """Tokens per block of `LinearCrossEntropy`: 64 MB of fp32 logits on a CPU, 256 MB elsewhere; large enough
+    for the LM head's matrix products to run at full speed."""
+    elements = 2**24 if weight.device.type == "cpu" else 2**26
+    return max(1, elements // weight.shape[0])
+
+
 def _loss_block_rows(logits: torch.Tensor) -> int:
     """Rows per block of the loss: about 2 MB of fp32 on a CPU (cache-sized), a few large kernels elsewhere."""
     elements = 2**19 if logits.device.type == "cpu" else 2**26
@@ -78,3 +144,23 @@ def causal_lm_loss(
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     logits = logits.reshape(-1, vocab_size)
     return TokenCrossEntropy.apply(logits, shift_labels.reshape(-1).to(logits.device), ignore_index, num_items_in_batch)
+
+
+def causal_lm_head_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """`causal_lm_loss` of the logits `hidden_states @ weight.T` (a bias-free LM head), with the same other
+    arguments, computed by `LinearCrossEntropy` without materializing the logits."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    if not torch.is_grad_enabled():  # else the Function is told they need gradients, and takes them
+        hidden_states, weight = hidden_states.detach(), weight.detach()
+    return LinearCrossEntropy.apply(hidden_states, weight, targets, ignore_index, num_items_in_batch)

@@ -25,7 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_llama2 import Llama2Config
-from .loss_llama2 import causal_lm_loss
+from .loss_llama2 import causal_lm_head_loss, causal_lm_loss
 
 
 def context_length(config: Llama2Config) -> int | None:
@@ -455,11 +455,15 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are the input ids themselves (shifted inside the loss), -100 where no loss is wanted.
         `logits_to_keep=k` computes logits for the last k positions only (0: all), which `generate` uses to
-        skip the vocabulary projection of the prompt."""
+        skip the vocabulary projection of the prompt. `skip_logits=True` with `labels` (the name Liger's models and
+        transformers' `Trainer` give it) returns the loss alone, taken from the hidden states without materializing
+        the logits, the largest tensors of a training step; under `torch.compile`, with another loss function or
+        an adapted LM head, the logits are computed and returned as usual."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -470,6 +474,19 @@ class Llama2ForCausalLM(Llama2PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if (
+            skip_logits
+            and labels is not None
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+            and type(self.lm_head) is nn.Linear
+            and self.loss_function is causal_lm_loss
+            and not torch.compiler.is_compiling()
+        ):
+            loss = causal_lm_head_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
+            return CausalLMOutputWithPast(
+                loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 

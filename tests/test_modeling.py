@@ -8,8 +8,8 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import pipeline
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from modeling_llama2 import Llama2Config, Llama2ForCausalLM
-from modeling_llama2.loss_llama2 import causal_lm_loss
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM, loss_llama2
+from modeling_llama2.loss_llama2 import causal_lm_head_loss, causal_lm_loss
 
 from .alignment_helpers import alignment_config
 from .conftest import TINY, model_pair, tiny_config
@@ -231,6 +231,70 @@ def test_loss_saves_no_second_logits_sized_tensor_for_backward():
     assert saved == {logits}
     saved, logits = saved_logits_sized(ref)
     assert saved - {logits}
+
+
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [{}, {"num_items_in_batch": torch.tensor(40)}, {"shift_labels": True}],
+    ids=["mean", "num_items", "shift_labels"],
+)
+def test_skip_logits_gives_the_logits_path_loss_and_gradients_without_logits(loss_kwargs, monkeypatch):
+    """Over several blocks of the LM head (5 tokens each), against the same model's loss from its logits."""
+    monkeypatch.setattr(loss_llama2, "_head_block_rows", lambda weight: 5)
+    ours, _ = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 16))
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    if loss_kwargs.get("shift_labels"):
+        loss_kwargs = {"shift_labels": torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)}
+
+    def loss_and_grads(**kwargs):
+        ours.zero_grad()
+        output = ours(input_ids, labels=labels, **loss_kwargs, **kwargs)
+        output.loss.backward()
+        return output, {name: p.grad.clone() for name, p in ours.named_parameters()}
+
+    (skipped, skipped_grads), (full, full_grads) = loss_and_grads(skip_logits=True), loss_and_grads()
+    assert skipped.logits is None and full.logits is not None
+    torch.testing.assert_close(skipped.loss, full.loss, atol=1e-6, rtol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(skipped_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        evaluated = ours(input_ids, labels=labels, skip_logits=True, **loss_kwargs).loss
+    torch.testing.assert_close(evaluated, full.loss, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_lm_head_loss_equals_causal_lm_loss_of_the_logits(dtype, monkeypatch):
+    """bf16 hidden states and weight: the logits are rounded to bf16 as the LM head's would be, then reduced in fp32;
+    the gradients, taken in fp32 (the logits path rounds the logits' gradient to bf16 first), are returned in bf16
+    and agree to bf16's precision."""
+    monkeypatch.setattr(loss_llama2, "_head_block_rows", lambda weight: 64)
+    hidden = torch.randn(3, 100, 32, dtype=dtype, requires_grad=True)
+    weight = torch.randn(1000, 32, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 1000, (3, 100))
+    labels[0, :30] = -100
+    ref = causal_lm_loss(hidden @ weight.T, labels, 1000, num_items_in_batch=250)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    ours = causal_lm_head_loss(hidden, weight, labels, num_items_in_batch=250)
+    ours_grads = torch.autograd.grad(ours, (hidden, weight))
+    assert ours.dtype == torch.float32 and [g.dtype for g in ours_grads] == [dtype, dtype]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    for got, expected in zip(ours_grads, ref_grads, strict=True):
+        atol = 1e-6 if dtype == torch.float32 else 2**-7 * expected.abs().max().item()
+        torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=1e-5)
+
+
+def test_skip_logits_returns_the_logits_where_it_cannot_skip_them():
+    """Another loss function (given the logits), or logits asked for only in part: computed and returned as usual."""
+    ours, _ = model_pair()
+    input_ids = torch.randint(1, TINY["vocab_size"], (1, 8))
+    last = ours(input_ids, labels=input_ids[:, -3:], skip_logits=True, logits_to_keep=3)
+    assert last.logits.shape[1] == 3 and last.loss == ours(input_ids, labels=input_ids[:, -3:], logits_to_keep=3).loss
+    assert ours(input_ids, skip_logits=True).logits is not None  # no labels, no loss: the logits are the output
+    ours.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum() * 0 + 42.0
+    output = ours(input_ids, labels=input_ids, skip_logits=True)
+    assert output.loss.item() == 42.0 and output.logits is not None
 
 
 def test_an_assigned_loss_function_replaces_the_default():
