@@ -297,9 +297,10 @@ def main() -> None:
             rows.append(row)
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     bench = info["bench"]
+    flash_attention = {-1: "auto", 0: "off", 1: "on"}.get(bench["flash_attn"], bench["flash_attn"])
     print_table(
         f"shape {args.shape}, {datetime.date.today()}, {cpu} ({args.threads} threads), torch {torch.__version__}, "
-        f"llama.cpp {bench['build_commit']} (flash_attn {bench['flash_attn']}), {args.rounds} rounds; read bandwidth "
+        f"llama.cpp {bench['build_commit']} (flash attention {flash_attention}), {args.rounds} rounds; read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (median of rounds); load average while sampling {min(loads):.2f}-{max(loads):.2f}",
         ["workload", "variant", "tok/s median [min, max]", "ours / llama.cpp [95% CI]", "of bandwidth"],
         rows,
