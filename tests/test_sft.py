@@ -4,10 +4,18 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.alignment.sft import SFTArguments, encode_record, load_sft_samples, pack, sft_collator
+from modeling_llama2.alignment.sft import (
+    PackedRows,
+    SFTArguments,
+    SFTTrainer,
+    encode_record,
+    load_sft_samples,
+    pack,
+    sft_collator,
+)
 from modeling_llama2.alignment.training import InputError, ModelArguments, parse_args, whole_run_loss
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from tests.alignment_helpers import (
@@ -78,6 +86,41 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implem
         padded = model(**sft_collator(tokenizer, packing=False)(list(samples)))
     torch.testing.assert_close(packed.loss, summed / n_targets, rtol=0, atol=1e-5)
     torch.testing.assert_close(padded.loss, summed / n_targets, rtol=0, atol=1e-5)
+
+
+def test_sft_trainer_trains_and_evaluates_as_trainer_without_the_logits(tmp_path, tokenizer):
+    """`SFTTrainer` asks the model for the loss alone (no logits) in training steps and in a loss-only evaluation,
+    and logs the same losses, hence trains the same model, as `Trainer`."""
+    records = [{"prompt": q, "response": a} for q, a in qa_pairs(24)]
+    samples = load_sft_samples(write_jsonl(tmp_path / "sft.jsonl", records), tokenizer, max_length=64)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+        dataloader_pin_memory=False, seed=0,
+    )  # fmt: skip
+
+    def run(trainer_class):
+        model, logits = tiny_lm(tokenizer).train(), []
+        model.register_forward_hook(lambda module, inputs, output: logits.append(output.logits is not None))
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=PackedRows(samples, 64), eval_dataset=PackedRows(samples, 64),
+            data_collator=sft_collator(tokenizer, packing=True),
+        )  # fmt: skip
+        trainer.train()
+        evaluation = trainer.evaluate()["eval_loss"]
+        return logged_losses_of(trainer.state.log_history), evaluation, logits, model
+
+    losses, evaluation, logits, model = run(SFTTrainer)
+    expected_losses, expected_evaluation, expected_logits, expected_model = run(Trainer)
+    assert not any(logits) and all(expected_logits)
+    assert losses == pytest.approx(expected_losses, rel=1e-5) and len(losses) == 4
+    assert evaluation == pytest.approx(expected_evaluation, rel=1e-5)
+    for p, expected in zip(model.parameters(), expected_model.parameters(), strict=True):
+        torch.testing.assert_close(p, expected, atol=1e-5, rtol=1e-4)
+
+
+def logged_losses_of(log_history: list[dict]) -> list[float]:
+    return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
 def test_pack_fills_rows_with_whole_samples():

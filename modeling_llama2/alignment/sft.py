@@ -221,6 +221,26 @@ def sft_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
+class SFTTrainer(Trainer):
+    """`Trainer` whose model takes the loss without materializing the logits (`skip_logits`, see `Llama2ForCausalLM`)
+    where only the loss is used: in training steps, and in evaluation without `compute_metrics`. The logits and their
+    gradient are a packed step's largest tensors (32000 floats a token each). Not under DeepSpeed or FSDP, which may
+    hold the LM head's weight whole only inside the head's own forward."""
+
+    def without_logits(self, inputs: dict) -> dict:
+        return inputs if self.is_deepspeed_enabled or self.is_fsdp_enabled else {**inputs, "skip_logits": True}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not return_outputs:
+            inputs = self.without_logits(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if prediction_loss_only:
+            inputs = self.without_logits(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+
 def check_streaming(streaming: bool, training_args: TrainingArguments) -> None:
     """A stream has no length, so the run's length must be given in steps; each rank reads the whole stream and keeps
     its own share of batches (accelerate cannot broadcast the packed batches' non-tensor fields)."""
@@ -267,7 +287,7 @@ def run_sft(
 
     (train_samples, train_source), evaluation = splits
     return train(
-        Trainer, model_args, training_args, load_base=load_base, task_type="CAUSAL_LM", tokenizer=tokenizer,
+        SFTTrainer, model_args, training_args, load_base=load_base, task_type="CAUSAL_LM", tokenizer=tokenizer,
         train_data=rows(train_samples, train_source), eval_data=rows(*evaluation) if evaluation else None,
         data_collator=sft_collator(tokenizer, sft_args.packing),
     )  # fmt: skip
