@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.alignment.sft import (
+    LossOnlyTrainer,
     PackedRows,
     SFTArguments,
-    SFTTrainer,
     encode_record,
     load_sft_samples,
     pack,
@@ -89,7 +89,7 @@ def test_packed_batch_equals_samples_one_by_one(tmp_path, tokenizer, attn_implem
 
 
 def test_sft_trainer_trains_and_evaluates_as_trainer_without_the_logits(tmp_path, tokenizer):
-    """`SFTTrainer` asks the model for the loss alone (no logits) in training steps and in a loss-only evaluation,
+    """`LossOnlyTrainer` asks the model for the loss alone (no logits) in training steps and in a loss-only evaluation,
     and logs the same losses, hence trains the same model, as `Trainer`."""
     records = [{"prompt": q, "response": a} for q, a in qa_pairs(24)]
     samples = load_sft_samples(write_jsonl(tmp_path / "sft.jsonl", records), tokenizer, max_length=64)
@@ -110,7 +110,7 @@ def test_sft_trainer_trains_and_evaluates_as_trainer_without_the_logits(tmp_path
         evaluation = trainer.evaluate()["eval_loss"]
         return logged_losses_of(trainer.state.log_history), evaluation, logits, model
 
-    losses, evaluation, logits, model = run(SFTTrainer)
+    losses, evaluation, logits, model = run(LossOnlyTrainer)
     expected_losses, expected_evaluation, expected_logits, expected_model = run(Trainer)
     assert not any(logits) and all(expected_logits)
     assert losses == pytest.approx(expected_losses, rel=1e-5) and len(losses) == 4

@@ -221,7 +221,7 @@ def sft_collator(tokenizer: PreTrainedTokenizerBase, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-class SFTTrainer(Trainer):
+class LossOnlyTrainer(Trainer):
     """`Trainer` whose model takes the loss without materializing the logits (`skip_logits`, see `Llama2ForCausalLM`)
     where only the loss is used: in training steps, and in evaluation without `compute_metrics`. The logits and their
     gradient are a packed step's largest tensors (32000 floats a token each). Not under DeepSpeed or FSDP, which may
@@ -287,7 +287,7 @@ def run_sft(
 
     (train_samples, train_source), evaluation = splits
     return train(
-        SFTTrainer, model_args, training_args, load_base=load_base, task_type="CAUSAL_LM", tokenizer=tokenizer,
+        LossOnlyTrainer, model_args, training_args, load_base=load_base, task_type="CAUSAL_LM", tokenizer=tokenizer,
         train_data=rows(train_samples, train_source), eval_data=rows(*evaluation) if evaluation else None,
         data_collator=sft_collator(tokenizer, sft_args.packing),
     )  # fmt: skip
