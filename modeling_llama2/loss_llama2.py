@@ -126,6 +126,14 @@ def _loss_block_rows(logits: torch.Tensor) -> int:
     return max(1, elements // logits.shape[-1])
 
 
+def next_token_targets(labels: torch.Tensor, ignore_index: int, shift_labels: torch.Tensor | None) -> torch.Tensor:
+    """The target of every position, flat: the next label (`ignore_index` after the last), or `shift_labels` as
+    given."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
 def causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -140,10 +148,9 @@ def causal_lm_loss(
     by `TokenCrossEntropy`. Under `torch.compile` it is transformers' own, which inductor fuses by itself."""
     if torch.compiler.is_compiling():
         return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs)
-    if shift_labels is None:
-        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     logits = logits.reshape(-1, vocab_size)
-    return TokenCrossEntropy.apply(logits, shift_labels.reshape(-1).to(logits.device), ignore_index, num_items_in_batch)
+    targets = next_token_targets(labels, ignore_index, shift_labels).to(logits.device)
+    return TokenCrossEntropy.apply(logits, targets, ignore_index, num_items_in_batch)
 
 
 def causal_lm_head_loss(
@@ -157,10 +164,8 @@ def causal_lm_head_loss(
 ) -> torch.Tensor:
     """`causal_lm_loss` of the logits `hidden_states @ weight.T` (a bias-free LM head), with the same other
     arguments, computed by `LinearCrossEntropy` without materializing the logits."""
-    if shift_labels is None:
-        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
-    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    targets = next_token_targets(labels, ignore_index, shift_labels).to(hidden_states.device)
     if not torch.is_grad_enabled():  # else the Function is told they need gradients, and takes them
         hidden_states, weight = hidden_states.detach(), weight.detach()
     return LinearCrossEntropy.apply(hidden_states, weight, targets, ignore_index, num_items_in_batch)

@@ -104,8 +104,11 @@ def launch_script(launcher: tuple[str, ...], name: str, *args, timeout: int = 24
 
 
 def logged_losses(output_dir: Path, key: str = "loss") -> list[float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return [entry[key] for entry in state["log_history"] if key in entry]
+    return losses_in(json.loads((output_dir / "trainer_state.json").read_text())["log_history"], key)
+
+
+def losses_in(log_history: list[dict], key: str = "loss") -> list[float]:
+    return [entry[key] for entry in log_history if key in entry]
 
 
 def load_script(name: str):

@@ -22,6 +22,7 @@ from tests.alignment_helpers import (
     alignment_config,
     launch_script,
     logged_losses,
+    losses_in,
     qa_pairs,
     run_script,
     save_causal_lm,
@@ -108,7 +109,7 @@ def test_sft_trainer_trains_and_evaluates_as_trainer_without_the_logits(tmp_path
         )  # fmt: skip
         trainer.train()
         evaluation = trainer.evaluate()["eval_loss"]
-        return logged_losses_of(trainer.state.log_history), evaluation, logits, model
+        return losses_in(trainer.state.log_history), evaluation, logits, model
 
     losses, evaluation, logits, model = run(LossOnlyTrainer)
     expected_losses, expected_evaluation, expected_logits, expected_model = run(Trainer)
@@ -117,10 +118,6 @@ def test_sft_trainer_trains_and_evaluates_as_trainer_without_the_logits(tmp_path
     assert evaluation == pytest.approx(expected_evaluation, rel=1e-5)
     for p, expected in zip(model.parameters(), expected_model.parameters(), strict=True):
         torch.testing.assert_close(p, expected, atol=1e-5, rtol=1e-4)
-
-
-def logged_losses_of(log_history: list[dict]) -> list[float]:
-    return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
 def test_pack_fills_rows_with_whole_samples():
