@@ -25,12 +25,10 @@ class TokenCrossEntropy(torch.autograd.Function):
     def forward(
         ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, divisor: torch.Tensor | int | None
     ) -> torch.Tensor:
-        counted = targets != ignore_index
-        targets = torch.where(counted, targets, 0)
+        counted, targets, divisor = _counted_targets(targets, ignore_index, divisor)
         rows = _loss_block_rows(logits)
         log_sum_exp = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(rows)])
         target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
-        divisor = counted.sum() if divisor is None else torch.as_tensor(divisor, device=logits.device)
         ctx.save_for_backward(logits, targets, counted, log_sum_exp, divisor)
         return torch.where(counted, log_sum_exp - target_logits, 0.0).sum() / divisor
 
@@ -72,9 +70,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         divisor: torch.Tensor | int | None,
     ) -> torch.Tensor:
-        counted = targets != ignore_index
-        targets = torch.where(counted, targets, 0)
-        divisor = counted.sum() if divisor is None else torch.as_tensor(divisor, device=hidden.device)
+        counted, targets, divisor = _counted_targets(targets, ignore_index, divisor)
         row_scale = torch.where(counted, 1 / divisor, 0.0)  # d loss / d summed token loss, zero on ignored rows
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -111,6 +107,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _counted_targets(
+    targets: torch.Tensor, ignore_index: int, divisor: torch.Tensor | int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which targets count, the targets with ignored ones made a valid index (0, masked out later), and the divisor
+    of the summed loss (the counted targets unless given)."""
+    counted = targets != ignore_index
+    divisor = counted.sum() if divisor is None else torch.as_tensor(divisor, device=targets.device)
+    return counted, torch.where(counted, targets, 0), divisor
 
 
 def _head_block_rows(weight: torch.Tensor) -> int:
