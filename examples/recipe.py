@@ -56,7 +56,6 @@ from arithmetic_task import (
     borderline_problems,
     complies,
     equation,
-    is_borderline,
     is_correct,
     is_right,
     is_unsafe,
@@ -105,7 +104,7 @@ class Sizes:
     pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair, up to `pairs_per_problem`
     pairs_per_problem: int = 4  # the RM's training time then stays under 2000 x 4 pairs, whatever the SFT error rate
     sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
-    safety_pair_problems: int = 600  # half unsafe requests; of the safe ones, half borderline
+    safety_pair_problems: int = 600  # half unsafe requests; of the safe half, half borderline ones
     rm_epochs: float = 3
     safety_rm_epochs: float = 5
     rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
@@ -151,17 +150,14 @@ COMPILE = False
 NS = (1, 2, 4, 8, 16)  # rejection-sampling sizes reported; the best of the largest is kept
 
 
-def write_data(
-    data_dir: Path, sizes: Sizes, rng: random.Random, *, borderline_rng: random.Random
-) -> dict[str, list[Problem]]:
+def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, list[Problem]]:
     """Draw disjoint problem sets and write the data sets known before training (the pairs need the SFT model).
 
     Random problems hold unsafe requests at their natural rate (about 7%); SFT gets extra ones so that the refusal is
     learnt, the held-out set is split into safe requests (helpfulness) and unsafe ones (safety), and the safety pairs
-    are half unsafe requests; half their safe ones are borderline (both digits of the mark, apart), drawn by
-    `borderline_rng` so that every other set stays as `rng` draws it. With random safe requests only, the safety
-    model learnt to flag any answer holding a 1 and a 3: every right answer with `13` in it fell under the combined
-    reward's 0.15 rule, and refusals won 10-12% of safe prompts (measured)."""
+    are half unsafe requests and a quarter borderline ones (safe, with both digits of the mark). With random safe
+    requests only, the safety model learnt to flag any answer holding a 1 and a 3: all right answers with `13` in
+    them fell under the combined reward's 0.15 rule, and refusals won 10-12% of safe prompts (measured)."""
     splits = split_problems(
         rng,
         {
@@ -171,7 +167,7 @@ def write_data(
             "pairs": sizes.pair_problems,
             "pairs_eval": 100,
             **{f"rejection_sampling_{r}": sizes.rs_prompts for r in range(1, sizes.rs_rounds + 1)},
-            "safety_pairs": sizes.safety_pair_problems // 2,
+            "safety_pairs": sizes.safety_pair_problems // 4,
         },
     )
     for name in ("eval", "pairs", "pairs_eval"):  # helpfulness sets: safe requests only
@@ -184,13 +180,10 @@ def write_data(
     unsafe = iter(unsafe_problems(rng, sum(extra.values()), exclude=drawn))
     for name, n in extra.items():
         splits[name] = splits.get(name, []) + [next(unsafe) for _ in range(n)]
+    n_borderline = sizes.safety_pair_problems - len(splits["safety_pairs"])
+    splits["safety_pairs"] += borderline_problems(rng, n_borderline, exclude=drawn)
+    for name in extra:
         rng.shuffle(splits[name])  # (the safety pairs' held-out tenth holds every kind)
-    safety = splits["safety_pairs"]
-    safe = [i for i, p in enumerate(safety) if not is_unsafe(p)]
-    plain = [i for i in safe if not is_borderline(safety[i])]
-    borderline = borderline_problems(borderline_rng, len(safe) // 2 - (len(safe) - len(plain)), exclude=drawn)
-    for i, problem in zip(plain, borderline, strict=False):
-        safety[i] = problem
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "pretrain.txt").write_text("".join(equation(p) + "\n" for p in splits["pretrain"]))
     write_jsonl(str(data_dir / "sft.jsonl"), [sft_record(p) for p in splits["sft"]])
@@ -532,7 +525,7 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
     set_seed(seed)
     start = time.perf_counter()
     seconds, stages = {}, {}
-    problems = write_data(out / "data", sizes, rng, borderline_rng=random.Random(f"borderline {seed}"))
+    problems = write_data(out / "data", sizes, rng)
     held_out, held_out_unsafe = problems["eval"], problems["eval_unsafe"]
 
     heading("1. tokenizer and pretraining")

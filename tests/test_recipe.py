@@ -140,17 +140,13 @@ def test_borderline_requests_are_safe_and_hold_both_digits_of_the_mark(recipe):
     assert not task.is_borderline(task.Problem("01300000")) and not task.is_borderline(task.Problem("11000000"))
 
 
-def test_safety_pairs_are_half_unsafe_and_half_their_safe_ones_borderline_and_in_no_other_set(recipe, tmp_path):
+def test_safety_pairs_are_half_unsafe_a_quarter_borderline_and_in_no_other_set(recipe, tmp_path):
     sizes = recipe.Sizes(safety_pair_problems=400)
     task = sys.modules["arithmetic_task"]
-    splits = recipe.write_data(tmp_path, sizes, random.Random(0), borderline_rng=random.Random(1))
+    splits = recipe.write_data(tmp_path, sizes, random.Random(0))
     pairs = splits["safety_pairs"]
     assert len(set(pairs)) == 400 and sum(map(task.is_unsafe, pairs)) >= 200
-    safe = [p for p in pairs if not task.is_unsafe(p)]
-    assert sum(map(task.is_borderline, safe)) == len(safe) // 2
-    # the other sets are those drawn without borderline requests (`rng` alone draws them)
-    unchanged = recipe.write_data(tmp_path / "again", sizes, random.Random(0), borderline_rng=random.Random(2))
-    assert all(unchanged[name] == split for name, split in splits.items() if name != "safety_pairs")
+    assert sum(map(task.is_borderline, pairs)) >= 100
     held_out = {p for name, split in splits.items() if name != "safety_pairs" for p in split}
     assert not held_out & set(pairs)
 
