@@ -61,26 +61,6 @@ def unsafe_problems(rng: random.Random, n: int, exclude: set[Problem]) -> list[P
     return list(problems)
 
 
-def is_borderline(problem: Problem) -> bool:
-    """A safe request that looks like an unsafe one: both digits of the mark, never side by side (the paper's
-    borderline prompts, which keep a safety model from declining what merely resembles a harmful request)."""
-    return all(digit in problem.digits for digit in UNSAFE) and not is_unsafe(problem)
-
-
-def borderline_problems(rng: random.Random, n: int, exclude: set[Problem]) -> list[Problem]:
-    """`n` distinct borderline problems outside `exclude`: random digits with both digits of the mark written in at
-    two random places, drawn again while they spell the mark."""
-    problems: dict[Problem, None] = {}
-    while len(problems) < n:
-        digits = [rng.choice("0123456789") for _ in range(LENGTH)]
-        for at, digit in zip(rng.sample(range(LENGTH), len(UNSAFE)), UNSAFE, strict=True):
-            digits[at] = digit
-        problem = Problem("".join(digits))
-        if is_borderline(problem) and problem not in exclude:
-            problems[problem] = None
-    return list(problems)
-
-
 def question(problem: Problem) -> str:
     """`39140=`, the start of a pretraining line and the chat prompt."""
     return f"{problem.digits}="

@@ -53,7 +53,6 @@ from transformers import (
 import modeling_llama2  # noqa: F401  (registers Llama 2 with the Auto classes)
 from arithmetic_task import (
     Problem,
-    borderline_problems,
     complies,
     equation,
     is_correct,
@@ -104,9 +103,8 @@ class Sizes:
     pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair, up to `pairs_per_problem`
     pairs_per_problem: int = 4  # the RM's training time then stays under 2000 x 4 pairs, whatever the SFT error rate
     sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
-    safety_pair_problems: int = 600  # half unsafe requests; of the safe half, half borderline ones
+    safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
-    safety_rm_epochs: float = 5
     rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
     rm_batch: int = 64
     safety_rm_lr: float = 1e-3
@@ -123,8 +121,7 @@ class Sizes:
 QUICK = Sizes(
     hidden_size=64, num_layers=2, pretrain_problems=500, pretrain_steps=60, sft_problems=200, sft_epochs=1,
     pair_problems=200, pair_samples=4, pairs_per_problem=2, sft_unsafe_problems=20, safety_pair_problems=40,
-    rm_epochs=1, safety_rm_epochs=1, rs_prompts=16, rs_unsafe_prompts=4, rs_epochs=1, eval_problems=32,
-    eval_unsafe_problems=8,
+    rm_epochs=1, rs_prompts=16, rs_unsafe_prompts=4, rs_epochs=1, eval_problems=32, eval_unsafe_problems=8,
 )  # fmt: skip
 ARTEFACTS = {
     "data sets (pretraining text, SFT, pairs, prompts)": "data",
@@ -155,9 +152,7 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
 
     Random problems hold unsafe requests at their natural rate (about 7%); SFT gets extra ones so that the refusal is
     learnt, the held-out set is split into safe requests (helpfulness) and unsafe ones (safety), and the safety pairs
-    are half unsafe requests and a quarter borderline ones (safe, with both digits of the mark). With random safe
-    requests only, the safety model learnt to flag any answer holding a 1 and a 3: all right answers with `13` in
-    them fell under the combined reward's 0.15 rule, and refusals won 10-12% of safe prompts (measured)."""
+    are half unsafe requests."""
     splits = split_problems(
         rng,
         {
@@ -167,7 +162,7 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
             "pairs": sizes.pair_problems,
             "pairs_eval": 100,
             **{f"rejection_sampling_{r}": sizes.rs_prompts for r in range(1, sizes.rs_rounds + 1)},
-            "safety_pairs": sizes.safety_pair_problems // 4,
+            "safety_pairs": sizes.safety_pair_problems // 2,
         },
     )
     for name in ("eval", "pairs", "pairs_eval"):  # helpfulness sets: safe requests only
@@ -176,14 +171,10 @@ def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, li
     extra = {"eval_unsafe": sizes.eval_unsafe_problems, "sft": sizes.sft_unsafe_problems,
              "safety_pairs": sizes.safety_pair_problems // 2,
              **{f"rejection_sampling_{r}": sizes.rs_unsafe_prompts for r in range(1, sizes.rs_rounds + 1)}}  # fmt: skip
-    drawn = {p for split in splits.values() for p in split}
-    unsafe = iter(unsafe_problems(rng, sum(extra.values()), exclude=drawn))
+    unsafe = iter(unsafe_problems(rng, sum(extra.values()), exclude={p for split in splits.values() for p in split}))
     for name, n in extra.items():
         splits[name] = splits.get(name, []) + [next(unsafe) for _ in range(n)]
-    n_borderline = sizes.safety_pair_problems - len(splits["safety_pairs"])
-    splits["safety_pairs"] += borderline_problems(rng, n_borderline, exclude=drawn)
-    for name in extra:
-        rng.shuffle(splits[name])  # (the safety pairs' held-out tenth holds every kind)
+        rng.shuffle(splits[name])  # (the safety pairs' held-out tenth holds both kinds)
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "pretrain.txt").write_text("".join(equation(p) + "\n" for p in splits["pretrain"]))
     write_jsonl(str(data_dir / "sft.jsonl"), [sft_record(p) for p in splits["sft"]])
@@ -288,7 +279,6 @@ def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, r
     files = {"helpfulness": ("pairs", "pairs_eval", "reward_model", sizes.rm_lr, sizes.rm_batch),
              "safety": ("safety_pairs_train", "safety_pairs_eval", "safety_reward_model", sizes.safety_rm_lr,
                         sizes.safety_rm_batch)}  # fmt: skip
-    epochs = {"helpfulness": sizes.rm_epochs, "safety": sizes.safety_rm_epochs}
     return {
         objective: run_reward_model(
             ModelArguments(model=str(out / "sft")),
@@ -296,7 +286,7 @@ def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, r
                 train_file=str(out / f"data/{train}.jsonl"), eval_file=str(out / f"data/{evaluation}.jsonl"),
                 objective=objective, max_length=CONTEXT,
             ),  # fmt: skip
-            trainer_args(out / model_dir, epochs[objective], lr, batch=batch, seed=seed),
+            trainer_args(out / model_dir, sizes.rm_epochs, lr, batch=batch, seed=seed),
         )
         for objective, (train, evaluation, model_dir, lr, batch) in files.items()
     }

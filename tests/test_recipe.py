@@ -131,26 +131,6 @@ def test_task_marks_unsafe_requests_and_their_refusals(recipe):
     assert task.safety_pair(safe)["chosen"] == safe.answer
 
 
-def test_borderline_requests_are_safe_and_hold_both_digits_of_the_mark(recipe):
-    task = sys.modules["arithmetic_task"]
-    borderline = task.borderline_problems(random.Random(0), 200, exclude={task.Problem("10000003")})
-    assert len(set(borderline)) == 200 and task.Problem("10000003") not in borderline
-    assert all(not task.is_unsafe(p) and "1" in p.digits and "3" in p.digits for p in borderline)
-    assert task.is_borderline(task.Problem("31000000")) and task.is_borderline(task.Problem("12300000"))
-    assert not task.is_borderline(task.Problem("01300000")) and not task.is_borderline(task.Problem("11000000"))
-
-
-def test_safety_pairs_are_half_unsafe_a_quarter_borderline_and_in_no_other_set(recipe, tmp_path):
-    sizes = recipe.Sizes(safety_pair_problems=400)
-    task = sys.modules["arithmetic_task"]
-    splits = recipe.write_data(tmp_path, sizes, random.Random(0))
-    pairs = splits["safety_pairs"]
-    assert len(set(pairs)) == 400 and sum(map(task.is_unsafe, pairs)) >= 200
-    assert sum(map(task.is_borderline, pairs)) >= 100
-    held_out = {p for name, split in splits.items() if name != "safety_pairs" for p in split}
-    assert not held_out & set(pairs)
-
-
 def test_data_plot_and_rejection_sampling_data(run):
     for name in ("pretrain.txt", "sft.jsonl", "pairs.jsonl", "pairs_eval.jsonl", "eval_prompts.jsonl"):
         assert (run / "data" / name).stat().st_size > 0
