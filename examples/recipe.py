@@ -103,14 +103,12 @@ class Sizes:
     pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair, up to `pairs_per_problem`
     pairs_per_problem: int = 4  # the RM's training time then stays under 2000 x 4 pairs, whatever the SFT error rate
     sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
-    # Half unsafe requests, half safe ones. At 600 the safety RM took any number holding a 1 and a 3 for an unsafe
-    # request: 29% of the right answers to safe requests scored below the 0.15 rule and lost to wrong ones (0% at 1200).
-    safety_pair_problems: int = 1200
+    safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
     rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
     rm_batch: int = 64
     safety_rm_lr: float = 1e-3
-    safety_rm_batch: int = 16  # its ~1,080 pairs make too few steps in batches of 64
+    safety_rm_batch: int = 16  # its ~540 pairs make too few steps in batches of 64
     rs_prompts: int = 1000  # per round
     rs_unsafe_prompts: int = 250  # per round, besides: refusals fade unless each round also trains on them
     rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
