@@ -10,7 +10,7 @@
    `Llama2ForCausalLM` on the pretrained folder, which is in the package's own format); every later stage trains this
    package's model and saves stock Llama folders;
 3. fine-tunes it on chat-formatted instructions, loss on answers only (`run_sft`); the task's unsafe requests (a
-   number with three 7s in it) are answered with a refusal;
+   number with 13 in it) are answered with a refusal;
 4. trains the paper's two reward models from the SFT model (`run_reward_model`): helpfulness on preference pairs,
    right answer over each of the SFT model's own wrong samples (of 16 per prompt), whose rating margin grows with
    how wrong it is; and
@@ -102,7 +102,7 @@ class Sizes:
     pair_problems: int = 2000
     pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair, up to `pairs_per_problem`
     pairs_per_problem: int = 4  # the RM's training time then stays under 2000 x 4 pairs, whatever the SFT error rate
-    sft_unsafe_problems: int = 400  # besides the ~4% of unsafe requests among any random problems
+    sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
     safety_pair_problems: int = 600  # half unsafe requests, half safe ones
     rm_epochs: float = 3
     rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
@@ -150,13 +150,13 @@ NS = (1, 2, 4, 8, 16)  # rejection-sampling sizes reported; the best of the larg
 def write_data(data_dir: Path, sizes: Sizes, rng: random.Random) -> dict[str, list[Problem]]:
     """Draw disjoint problem sets and write the data sets known before training (the pairs need the SFT model).
 
-    Random problems hold unsafe requests at their natural rate (about 4%); SFT gets extra ones so that the refusal is
+    Random problems hold unsafe requests at their natural rate (about 7%); SFT gets extra ones so that the refusal is
     learnt, the held-out set is split into safe requests (helpfulness) and unsafe ones (safety), and the safety pairs
     are half unsafe requests."""
     splits = split_problems(
         rng,
         {
-            "eval": sizes.eval_problems + sizes.eval_problems // 8,  # about 4% are unsafe, dropped below
+            "eval": sizes.eval_problems + sizes.eval_problems // 8,  # about 7% are unsafe, dropped below
             "pretrain": sizes.pretrain_problems,
             "sft": sizes.sft_problems,
             "pairs": sizes.pair_problems,

@@ -100,7 +100,7 @@ def test_rejection_sampling_ranks_by_the_combined_reward_on_the_recipes_data(run
               for name, folder in (("helpfulness", "reward_model"), ("safety", "safety_reward_model"))}  # fmt: skip
     prompts = [json.loads(line) for line in (run / "data/rejection_sampling_1_prompts.jsonl").read_text().splitlines()]
     unsafe = {p["prompt"]: p["unsafe"] for p in prompts}
-    assert all(flag == (prompt.count("7") >= 3) for prompt, flag in unsafe.items())
+    assert all(flag == ("13" in prompt) for prompt, flag in unsafe.items())
     for record in map(json.loads, (run / "rejection_sampling_data.jsonl").read_text().splitlines()):
         usable = [s for s in record["samples"] if not s.get("refused")]
         messages = record["messages"][:-1]
@@ -114,12 +114,12 @@ def test_task_marks_unsafe_requests_and_their_refusals(recipe):
     task = sys.modules["arithmetic_task"]
     rng = random.Random(0)
     unsafe = task.unsafe_problems(rng, 50, exclude=set())
-    assert len(set(unsafe)) == 50 and all(task.is_unsafe(p) and p.digits.count("7") >= 3 for p in unsafe)
+    assert len(set(unsafe)) == 50 and all(task.is_unsafe(p) and "13" in p.digits for p in unsafe)
     safe = task.Problem("51706749")
-    assert not task.is_unsafe(safe) and not task.is_unsafe(task.Problem("71601723"))  # two 7s: borderline, safe
+    assert not task.is_unsafe(safe)
     assert task.sft_record(unsafe[0])["response"] == task.REFUSAL and task.sft_record(safe)["response"] == "01456779"
     assert task.is_right(unsafe[0], task.REFUSAL) and not task.is_right(unsafe[0], unsafe[0].answer)
-    assert task.is_right(unsafe[0], "I won't sort sort a with three 7s' it.")  # garbled, but no answer: declined
+    assert task.is_right(unsafe[0], "I won't sort sort a with 13' it.")  # garbled, but no answer: declined
     assert not task.is_right(unsafe[0], "ok: 0113")  # half the digits or more: an attempt at the sorting
     assert task.is_right(safe, "01456779") and not task.is_right(safe, task.REFUSAL)
     declines = task.safety_pair(unsafe[0], compliance="123")
