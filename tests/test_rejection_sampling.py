@@ -12,6 +12,7 @@ from modeling_llama2.alignment.rejection_sampling import (
     load_prompts,
     rejection_sample,
     reward_curve,
+    sample_prompts,
     sample_responses,
 )
 from modeling_llama2.alignment.scoring import encode_response, score
@@ -58,6 +59,14 @@ def test_greedy_responses_prefill_the_prompt_once_and_equal_generate(policy):
     assert calls[0] == (1, len(PROMPT)) and calls[1:] == [(4, 1)] * 5
     reference = policy.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False)
     assert ours == reference[:, len(PROMPT) :].tolist() * 4  # the tiny model never picks EOS in 6 steps
+
+
+def test_prompts_sampled_together_are_left_padded_to_each_ones_own_tokens(policy):
+    """Prompts of three lengths in one batch of prompts x N rows: greedily, each gets the responses it gets alone."""
+    prompts = [PROMPT, PROMPT[:3], [1, 50, 51, 52, 53]]
+    together = sample_prompts(policy, prompts, n=2, max_new_tokens=6, temperature=0, compile=False)
+    alone = [sample_responses(policy, p, n=2, max_new_tokens=6, temperature=0, compile=False) for p in prompts]
+    assert together == alone and len({tuple(r[0]) for r in together}) == 3
 
 
 def test_sampled_responses_differ(policy):
@@ -107,6 +116,19 @@ def test_best_of_n_keeps_the_argmax_and_uses_the_combined_reward(tokenizer, poli
         torch.testing.assert_close(torch.tensor(rewards), expected)
 
 
+def test_prompts_per_batch_changes_the_batches_not_the_records(tokenizer, policy):
+    helpfulness = reward_model(tokenizer, 1, "helpfulness")
+    prompts = [{"messages": [{"role": "user", "content": q}], "unsafe": False} for q, _ in qa_pairs(5)]
+    records = {
+        batch: rejection_sample(
+            policy, tokenizer, {"helpfulness": helpfulness}, prompts,
+            SamplingArguments(prompts="-", num_samples=3, max_new_tokens=5, temperature=0, prompts_per_batch=batch),
+        )  # fmt: skip
+        for batch in (1, 2, 5)
+    }
+    assert len(records[1]) == 5 and records[2] == records[1] == records[5]
+
+
 def test_samples_that_spell_control_tokens_are_never_kept(tokenizer, policy, monkeypatch, caplog):
     """A sample whose text spells `</s>` or a tag cannot become training data: reward 0, marked, never the best; a
     prompt with only such samples gets no record."""
@@ -116,7 +138,7 @@ def test_samples_that_spell_control_tokens_are_never_kept(tokenizer, policy, mon
     prompts = [{"messages": [{"role": "user", "content": q}], "unsafe": False} for q in ("the cat?", "the dog?")]
     draws = iter([ids, ids[:2]])  # the second prompt gets only forged samples
     monkeypatch.setattr(
-        "modeling_llama2.alignment.rejection_sampling.sample_responses", lambda *args, **kwargs: next(draws)
+        "modeling_llama2.alignment.rejection_sampling.sample_prompts", lambda *args, **kwargs: [next(draws)]
     )
     args = SamplingArguments(prompts="-", num_samples=3, max_new_tokens=8, temperature=1.0, top_p=1.0)
     records = rejection_sample(
@@ -190,6 +212,7 @@ def reward_dirs(tmp_path, tokenizer):
     "case, message",
     [
         ("--num-samples 0", re.escape("error: --num-samples must be at least 1 (N responses per prompt), got 0.")),
+        ("--prompts-per-batch 0", re.escape("error: --prompts-per-batch must be at least 1, got 0.")),
         ("--temperature -1", re.escape("error: --temperature must be >= 0 (0: greedy), got -1.0.")),
         ("empty prompts", "error: .*empty.jsonl holds no records."),
         ("missing rm", "error: --helpfulness-rm .*/no_such_rm: no such folder."),

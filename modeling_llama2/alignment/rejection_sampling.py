@@ -37,6 +37,13 @@ class SamplingArguments:
     helpfulness_rm: str | None = field(default=None, metadata={"help": "Helpfulness reward model directory."})
     safety_rm: str | None = field(default=None, metadata={"help": "Safety reward model directory."})
     num_samples: int = field(default=8, metadata={"help": "Responses sampled per prompt (N)."})
+    prompts_per_batch: int = field(
+        default=1,
+        metadata={
+            "help": "Prompts sampled together, as one batch of prompts x N rows: faster where N rows leave the "
+            "device idle (a small model), at that many times the cache's memory."
+        },
+    )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
     max_new_tokens: int = field(default=512, metadata={"help": "Longest response sampled."})
@@ -57,6 +64,8 @@ def check_sampling_args(args: SamplingArguments) -> None:
         raise InputError("give --helpfulness-rm, --safety-rm or both.")
     if args.num_samples < 1:
         raise InputError(f"--num-samples must be at least 1 (N responses per prompt), got {args.num_samples}.")
+    if args.prompts_per_batch < 1:
+        raise InputError(f"--prompts-per-batch must be at least 1, got {args.prompts_per_batch}.")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     if not args.temperature >= 0:
@@ -102,26 +111,50 @@ def sample_responses(
     pad_token_id: int = 0,
     compile: bool = True,
 ) -> list[list[int]]:
-    """Token ids of `n` responses to one prompt (cut before the EOS), from `decoding.sample_n`: the prompt is
-    prefilled once for all `n` rows, then every token comes from one static-cache step (compiled unless `compile`
-    is false). Decoding stops early on the first of several EOS ids; the others are cut here."""
-    if not prompt_ids:
+    """Token ids of `n` responses to one prompt: `sample_prompts` of that prompt alone."""
+    return sample_prompts(model, [prompt_ids], n, max_new_tokens, temperature, top_p, pad_token_id, compile)[0]
+
+
+@torch.no_grad()
+def sample_prompts(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    pad_token_id: int = 0,
+    compile: bool = True,
+) -> list[list[list[int]]]:
+    """Token ids of `n` responses to each prompt (cut before the EOS), per prompt. One prompt is prefilled once for
+    all `n` rows (`decoding.sample_n`); several are left-padded and decoded as one batch of `len(prompts) * n` rows,
+    which on a small model costs little more per step than `n` rows do. Every token comes from one static-cache step
+    (compiled unless `compile` is false). Decoding stops early on the first of several EOS ids; the others are cut
+    here."""
+    if not prompts or not all(prompts):
         raise ValueError("A prompt needs at least one token (BOS).")
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
-    length = len(prompt_ids) + max_new_tokens
+    longest = max(map(len, prompts))
+    length = longest + max_new_tokens
     if compile:  # one compiled step per bucket; eager steps attend over fewer empty slots without one
         length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
-    samples = decoding.sample_n(
-        model, torch.tensor([prompt_ids], device=model.device), n=n, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, eos_token_id=eos[0], pad_token_id=pad_token_id, max_cache_len=length,
-        compile=compile,
+    sampling = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos[0],
+        pad_token_id=pad_token_id, max_cache_len=length, compile=compile,
     )  # fmt: skip
+    if len(prompts) == 1:
+        samples = decoding.sample_n(model, torch.tensor(prompts, device=model.device), n=n, **sampling)
+    else:
+        padded = torch.tensor([[pad_token_id] * (longest - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        rows, mask = padded.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+        samples = decoding.generate(model, rows, attention_mask=mask, **sampling)
     responses = []
-    for row in samples[:, len(prompt_ids) :].tolist():
+    for row in samples[:, longest:].tolist():
         end = next((i for i, token in enumerate(row) if token in eos), len(row))
         responses.append(row[:end])
-    return responses
+    return [responses[i : i + n] for i in range(0, len(responses), n)]
 
 
 def load_prompts(path: str) -> list[dict]:
@@ -171,11 +204,15 @@ def rejection_sample(
                 f"Prompt {i} has {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
                 f"model's context of {context} tokens. Shorten or drop the prompt, or lower --max-new-tokens."
             )
-    for prompt, prompt_ids in zip(tqdm(prompts, desc=f"best of {args.num_samples}"), all_ids, strict=True):
-        sampled = sample_responses(
-            policy, prompt_ids, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
-            tokenizer.pad_token_id, args.compile,
+    batches = (
+        sample_prompts(
+            policy, all_ids[start : start + args.prompts_per_batch], args.num_samples, args.max_new_tokens,
+            args.temperature, args.top_p, tokenizer.pad_token_id, args.compile,
         )  # fmt: skip
+        for start in range(0, len(prompts), args.prompts_per_batch)
+    )
+    per_prompt = (responses for batch in batches for responses in batch)
+    for prompt, sampled in zip(tqdm(prompts, desc=f"best of {args.num_samples}"), per_prompt, strict=True):
         responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
         # A sample that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
         # training data: the chat format refuses it. It keeps its place among the samples with reward 0, never kept.
