@@ -53,7 +53,7 @@ def test_metrics_cover_every_stage_with_finite_numbers(run):
     for point in [point for curve in metrics["best_of_n"] for point in curve]:
         assert all(math.isfinite(point[key]) for key in ("max", "median", "accuracy_of_best", "any_right"))
         assert point["max"] >= point["median"]
-    assert list(metrics["reward_model"]) == ["helpfulness", "safety"]
+    assert list(metrics["reward_model"]) == ["helpfulness", "safety", "helpfulness_round_2"]  # refreshed for round 2
     assert all(math.isfinite(rm["eval_accuracy"]) for rm in metrics["reward_model"].values())
     # The pretrained folder is this package's format, the converted one a stock Llama.
     auto_classes = metrics["conversion"]["auto_model_for_causal_lm"]
@@ -86,22 +86,30 @@ def test_chat_template_from_conversion(run):
     assert text == "<s>[INST] What is 2+3? [/INST]"
 
 
-@pytest.mark.parametrize("folder, objective", [("reward_model", "helpfulness"), ("safety_reward_model", "safety")])
+@pytest.mark.parametrize(
+    "folder, objective",
+    [("reward_model", "helpfulness"), ("safety_reward_model", "safety"), ("reward_model_round_2", "helpfulness")],
+)
 def test_reward_models_load(run, folder, objective):
     model = AutoModelForSequenceClassification.from_pretrained(run / folder)
     assert model.config.num_labels == 1 and model.config.id2label[0] == objective
 
 
-def test_rejection_sampling_ranks_by_the_combined_reward_on_the_recipes_data(run, recipe):
+@pytest.mark.parametrize(
+    "r, samples, helpfulness",
+    [(1, "rejection_sampling_data.jsonl", "reward_model"), (2, "rejection_sampling_round_2_data.jsonl",
+                                                            "reward_model_round_2")],
+)  # fmt: skip
+def test_rejection_sampling_ranks_by_the_combined_reward_on_the_recipes_data(run, recipe, r, samples, helpfulness):
     """Recomputed from the saved reward models: safety's score where the prompt is marked unsafe or safety is below
-    0.15, helpfulness's otherwise; the prompts' marks are the task generator's."""
+    0.15, helpfulness's otherwise (round 2's the refreshed one); the prompts' marks are the task generator's."""
     tokenizer = AutoTokenizer.from_pretrained(run / "sft")
     models = {name: Llama2ForSequenceClassification.from_pretrained(run / folder).eval()
-              for name, folder in (("helpfulness", "reward_model"), ("safety", "safety_reward_model"))}  # fmt: skip
-    prompts = [json.loads(line) for line in (run / "data/rejection_sampling_1_prompts.jsonl").read_text().splitlines()]
+              for name, folder in (("helpfulness", helpfulness), ("safety", "safety_reward_model"))}  # fmt: skip
+    prompts = map(json.loads, (run / f"data/rejection_sampling_{r}_prompts.jsonl").read_text().splitlines())
     unsafe = {p["prompt"]: p["unsafe"] for p in prompts}
     assert all(flag == ("13" in prompt) for prompt, flag in unsafe.items())
-    for record in map(json.loads, (run / "rejection_sampling_data.jsonl").read_text().splitlines()):
+    for record in map(json.loads, (run / samples).read_text().splitlines()):
         usable = [s for s in record["samples"] if not s.get("refused")]
         messages = record["messages"][:-1]
         rows = [encode_response(tokenizer, messages, s["response"])[0] for s in usable]
@@ -191,6 +199,23 @@ def test_round_two_samples_from_round_one_on_fresh_prompts(run):
     assert prompts[0] and not set(prompts[0]) & set(prompts[1])  # fresh prompts
     records = [json.loads(line) for line in (run / "rejection_sampling_round_2_data.jsonl").read_text().splitlines()]
     assert len(records) == len(prompts[1]) and all(len(record["samples"]) == 16 for record in records)
+
+
+def test_round_two_reward_model_learns_round_one_models_mistakes_on_fresh_prompts(run):
+    """The refreshed helpfulness model's pairs: right answers over round 1's model's wrong samples, on safe prompts
+    no other set holds (so its favourites are never ones it was trained to rank)."""
+    stdout = (run / "stdout.txt").read_text()
+    assert "helpfulness reward model, one more epoch on" in stdout and "pairs of rejection_sampling's samples" in stdout
+    pairs = [json.loads(line) for line in (run / "data/pairs_round_2.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] == "".join(sorted(p["prompt"].rstrip("="))) != p["rejected"] for p in pairs)
+    assert not any("13" in p["prompt"] for p in pairs)
+    fresh = {p["prompt"] for p in pairs}
+    others = [json.loads(line)["prompt"] for name in ("eval_prompts", "rejection_sampling_1_prompts",
+              "rejection_sampling_2_prompts", "pairs", "pairs_eval", "sft") for line in
+              (run / f"data/{name}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert not fresh & set(others)
+    metrics = json.loads((run / "metrics.json").read_text())["reward_model"]["helpfulness_round_2"]
+    assert metrics["pairs"] == len(pairs) and metrics["epoch"] == 1
 
 
 def test_without_matplotlib_the_plot_is_skipped_and_said(recipe, monkeypatch, tmp_path, capsys):
