@@ -204,47 +204,64 @@ def rejection_sample(
                 f"Prompt {i} has {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds the "
                 f"model's context of {context} tokens. Shorten or drop the prompt, or lower --max-new-tokens."
             )
-    batches = (
-        sample_prompts(
-            policy, all_ids[start : start + args.prompts_per_batch], args.num_samples, args.max_new_tokens,
-            args.temperature, args.top_p, tokenizer.pad_token_id, args.compile,
+    batch, progress = args.prompts_per_batch, tqdm(total=len(prompts), desc=f"best of {args.num_samples}")
+    for start in range(0, len(prompts), batch):
+        sampled = sample_prompts(
+            policy, all_ids[start : start + batch], args.num_samples, args.max_new_tokens, args.temperature,
+            args.top_p, tokenizer.pad_token_id, args.compile,
         )  # fmt: skip
-        for start in range(0, len(prompts), args.prompts_per_batch)
-    )
-    per_prompt = (responses for batch in batches for responses in batch)
-    for prompt, sampled in zip(tqdm(prompts, desc=f"best of {args.num_samples}"), per_prompt, strict=True):
-        responses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sampled]
-        # A sample that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
-        # training data: the chat format refuses it. It keeps its place among the samples with reward 0, never kept.
-        usable = [i for i, response in enumerate(responses) if not forbidden_in(response)]
-        rewards = torch.zeros(len(responses))
-        if not usable:
-            refused += 1
-        else:
-            rows = [encode_response(tokenizer, prompt["messages"], responses[i])[0] for i in usable]
-            scores = {
-                name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()
-            }
-            if len(scores) == 2:
-                logits = combined_reward(scores["helpfulness"], scores["safety"], torch.tensor(prompt["unsafe"]))
-            else:
-                (logits,) = scores.values()
-            rewards[usable] = torch.sigmoid(logits)
-        samples = [{"response": r, "reward": x} for r, x in zip(responses, rewards.tolist(), strict=True)]
-        for i in set(range(len(responses))) - set(usable):
-            samples[i]["refused"] = True
-        if usable:
-            best = max(usable, key=lambda i: rewards[i])
+        responses = [[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in s] for s in sampled]
+        rewards = score_samples(tokenizer, reward_models, prompts[start : start + batch], responses)
+        for prompt, texts, reward in zip(prompts[start : start + batch], responses, rewards, strict=True):
+            samples = [{"response": r, "reward": x} for r, x in zip(texts, reward.tolist(), strict=True)]
+            usable = [i for i, text in enumerate(texts) if not forbidden_in(text)]
+            for i in set(range(len(texts))) - set(usable):
+                samples[i]["refused"] = True
+            if not usable:
+                refused += 1
+                continue
+            best = max(usable, key=lambda i: reward[i])
             records.append(
                 {
-                    "messages": [*prompt["messages"], {"role": "assistant", "content": responses[best]}],
-                    "reward": rewards[best].item(),
+                    "messages": [*prompt["messages"], {"role": "assistant", "content": texts[best]}],
+                    "reward": reward[best].item(),
                     "samples": samples,
                 }
             )
+        progress.update(len(sampled))
+    progress.close()
     if refused:
         logger.warning(f"Dropped {refused} prompt(s) all of whose samples spell a control token or chat tag in text.")
     return records
+
+
+def score_samples(
+    tokenizer: PreTrainedTokenizerBase,
+    reward_models: dict[str, PreTrainedModel],
+    prompts: list[dict],
+    responses: list[list[str]],
+) -> list[torch.Tensor]:
+    """Reward of each prompt's responses (the combined reward with both models), scored in one batch per reward
+    model. A response that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
+    training data: the chat format refuses it, so it is not scored and keeps its place with reward 0."""
+    where, rows, unsafe = [], [], []
+    for p, (prompt, texts) in enumerate(zip(prompts, responses, strict=True)):
+        for i, text in enumerate(texts):
+            if not forbidden_in(text):
+                where.append((p, i))
+                rows.append(encode_response(tokenizer, prompt["messages"], text)[0])
+                unsafe.append(prompt["unsafe"])
+    rewards = [torch.zeros(len(texts)) for texts in responses]
+    if not rows:
+        return rewards
+    scores = {name: score(model, rows, tokenizer.pad_token_id).float().cpu() for name, model in reward_models.items()}
+    if len(scores) == 2:
+        logits = combined_reward(scores["helpfulness"], scores["safety"], torch.tensor(unsafe))
+    else:
+        (logits,) = scores.values()
+    for (p, i), reward in zip(where, torch.sigmoid(logits).tolist(), strict=True):
+        rewards[p][i] = reward
+    return rewards
 
 
 def reward_curve(rewards: torch.Tensor) -> list[dict]:
