@@ -201,6 +201,16 @@ def test_round_two_samples_from_round_one_on_fresh_prompts(run):
     assert len(records) == len(prompts[1]) and all(len(record["samples"]) == 16 for record in records)
 
 
+def test_round_two_fine_tunes_on_both_rounds_favourites(run):
+    stdout = (run / "stdout.txt").read_text()
+    assert "fine-tuning it on the best of 16 of rounds 1 to 2" in stdout
+    read = lambda name: (run / "data" / f"{name}.jsonl").read_text().splitlines()  # noqa: E731
+    assert read("best_of_16_rounds_1_to_2") == read("best_of_16") + read("best_of_16_round_2")
+    round_2 = [json.loads(line) for line in (run / "rejection_sampling_round_2_data.jsonl").read_text().splitlines()]
+    favourites = [max(r["samples"], key=lambda s: s["reward"])["response"] for r in round_2]
+    assert [json.loads(line)["messages"][-1]["content"] for line in read("best_of_16_round_2")] == favourites
+
+
 def test_round_two_reward_model_learns_round_one_models_mistakes_on_fresh_prompts(run):
     """The refreshed helpfulness model's pairs: right answers over round 1's model's wrong samples, on safe prompts
     no other set holds (so its favourites are never ones it was trained to rank)."""
