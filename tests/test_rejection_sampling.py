@@ -13,7 +13,6 @@ from modeling_llama2.alignment.rejection_sampling import (
     rejection_sample,
     reward_curve,
     sample_prompts,
-    sample_responses,
 )
 from modeling_llama2.alignment.scoring import encode_response, score
 from modeling_llama2.alignment.sft import load_sft_samples
@@ -46,13 +45,18 @@ def reward_model(tokenizer, seed, objective):
 PROMPT = [1, 40, 41, 42, 43, 44, 45, 46]
 
 
+def sample_one(policy, prompt, **kwargs):
+    """The responses to one prompt."""
+    return sample_prompts(policy, [prompt], **kwargs)[0]
+
+
 def test_greedy_responses_prefill_the_prompt_once_and_equal_generate(policy):
     calls = []
     hook = policy.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
-        ours = sample_responses(policy, PROMPT, n=4, max_new_tokens=6, temperature=0, compile=False)
+        ours = sample_one(policy, PROMPT, n=4, max_new_tokens=6, temperature=0, compile=False)
     finally:
         hook.remove()
     # One prefill of the prompt for all four rows, then one token per row per step.
@@ -65,23 +69,23 @@ def test_prompts_sampled_together_are_left_padded_to_each_ones_own_tokens(policy
     """Prompts of three lengths in one batch of prompts x N rows: greedily, each gets the responses it gets alone."""
     prompts = [PROMPT, PROMPT[:3], [1, 50, 51, 52, 53]]
     together = sample_prompts(policy, prompts, n=2, max_new_tokens=6, temperature=0, compile=False)
-    alone = [sample_responses(policy, p, n=2, max_new_tokens=6, temperature=0, compile=False) for p in prompts]
+    alone = [sample_one(policy, p, n=2, max_new_tokens=6, temperature=0, compile=False) for p in prompts]
     assert together == alone and len({tuple(r[0]) for r in together}) == 3
 
 
 def test_sampled_responses_differ(policy):
     torch.manual_seed(1)
-    responses = sample_responses(policy, PROMPT, n=8, max_new_tokens=6, temperature=0.8, top_p=0.9)
+    responses = sample_one(policy, PROMPT, n=8, max_new_tokens=6, temperature=0.8, top_p=0.9)
     assert len(responses) == 8 and all(len(r) <= 6 for r in responses)  # shorter where EOS was drawn
     assert len({tuple(r) for r in responses}) > 1
 
 
 def test_responses_stop_before_eos(policy):
     eos = policy.generation_config.eos_token_id
-    greedy = sample_responses(policy, PROMPT, n=1, max_new_tokens=6, temperature=0)[0]
+    greedy = sample_one(policy, PROMPT, n=1, max_new_tokens=6, temperature=0)[0]
     policy.generation_config.eos_token_id = greedy[2]  # pretend the third greedy token ends the answer
     try:
-        assert sample_responses(policy, PROMPT, n=2, max_new_tokens=6, temperature=0) == [greedy[:2]] * 2
+        assert sample_one(policy, PROMPT, n=2, max_new_tokens=6, temperature=0) == [greedy[:2]] * 2
     finally:
         policy.generation_config.eos_token_id = eos
 

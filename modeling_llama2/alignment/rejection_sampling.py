@@ -101,21 +101,6 @@ CACHE_BUCKET = 256  # static caches are sized in steps of this, so prompts of si
 
 
 @torch.no_grad()
-def sample_responses(
-    model: PreTrainedModel,
-    prompt_ids: list[int],
-    n: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    pad_token_id: int = 0,
-    compile: bool = True,
-) -> list[list[int]]:
-    """Token ids of `n` responses to one prompt: `sample_prompts` of that prompt alone."""
-    return sample_prompts(model, [prompt_ids], n, max_new_tokens, temperature, top_p, pad_token_id, compile)[0]
-
-
-@torch.no_grad()
 def sample_prompts(
     model: PreTrainedModel,
     prompts: list[list[int]],
