@@ -289,16 +289,26 @@ def reward_models(out: Path, problems: dict[str, list[Problem]], sizes: Sizes, r
              "safety": ("safety_pairs_train", "safety_pairs_eval", "safety_reward_model", sizes.safety_rm_lr,
                         sizes.safety_rm_batch)}  # fmt: skip
     return {
-        objective: run_reward_model(
-            ModelArguments(model=str(out / "sft")),
-            RewardArguments(
-                train_file=str(out / f"data/{train}.jsonl"), eval_file=str(out / f"data/{evaluation}.jsonl"),
-                objective=objective, max_length=CONTEXT,
-            ),  # fmt: skip
-            trainer_args(out / model_dir, sizes.rm_epochs, lr, batch=batch, seed=seed),
-        )
+        objective: train_reward_model(out, "sft", train, evaluation, objective, model_dir, sizes.rm_epochs, lr, batch,
+                                      seed)  # fmt: skip
         for objective, (train, evaluation, model_dir, lr, batch) in files.items()
     }
+
+
+def train_reward_model(
+    out: Path, base: str, train: str, evaluation: str, objective: str, model_dir: str, epochs: float, lr: float,
+    batch: int, seed: int,
+) -> dict:  # fmt: skip
+    """Train the reward model for `objective` from `out/base` on `out/data/<train>.jsonl`, ranking
+    `out/data/<evaluation>.jsonl`, into `out/model_dir`."""
+    return run_reward_model(
+        ModelArguments(model=str(out / base)),
+        RewardArguments(
+            train_file=str(out / f"data/{train}.jsonl"), eval_file=str(out / f"data/{evaluation}.jsonl"),
+            objective=objective, max_length=CONTEXT,
+        ),  # fmt: skip
+        trainer_args(out / model_dir, epochs, lr, batch=batch, seed=seed),
+    )
 
 
 def chat_samples(policy, tokenizer, problems: list[Problem], n: int) -> list[list[str]]:
@@ -363,15 +373,8 @@ def refresh_helpfulness(
     pairs = write_pairs(policy_dir, problems, out / f"data/pairs_round_{r}.jsonl", rng, sizes.pair_samples,
                         sizes.pairs_per_problem)  # fmt: skip
     last = "reward_model" if r == 2 else f"reward_model_round_{r - 1}"
-    metrics = run_reward_model(
-        ModelArguments(model=str(out / last)),
-        RewardArguments(
-            train_file=str(out / f"data/pairs_round_{r}.jsonl"), eval_file=str(out / "data/pairs_eval.jsonl"),
-            objective="helpfulness", max_length=CONTEXT,
-        ),  # fmt: skip
-        trainer_args(out / f"reward_model_round_{r}", sizes.refresh_epochs, sizes.rm_lr, batch=sizes.rm_batch,
-                     seed=seed),  # fmt: skip
-    )
+    metrics = train_reward_model(out, last, f"pairs_round_{r}", "pairs_eval", "helpfulness", f"reward_model_round_{r}",
+                                 sizes.refresh_epochs, sizes.rm_lr, sizes.rm_batch, seed)  # fmt: skip
     return {**metrics, "pairs": pairs}
 
 
@@ -453,12 +456,13 @@ def finetune_on_favourites(
     favourites alone, round 2 lost what round 1 had gained (measured on three seeds' runs: 32.8 / 34.6 / 33.6%
     against 38.0 / 42.0 / 39.8% with both rounds', and 37.8 / 35.2 / 35.6% with its own for as many steps, 4
     epochs: round 2 redone from the round 1 models of one run's three seeds)."""
+    def favourites(i: int) -> str:  # round i's favourites, as SFT data
+        return str(out / ("data/" + (f"best_of_{k}" if i == 1 else f"best_of_{k}_round_{i}") + ".jsonl"))
+
     records = [record for _, record in read_jsonl(str(out / f"{round_name(r)}_data.jsonl"))]
-    name = f"best_of_{k}" if r == 1 else f"best_of_{k}_round_{r}"
-    data = write_jsonl(str(out / f"data/{name}.jsonl"), [favourite_of_first(record, k) for record in records])
+    data = write_jsonl(favourites(r), [favourite_of_first(record, k) for record in records])
     if r > 1:
-        rounds = [f"best_of_{k}", *(f"best_of_{k}_round_{i}" for i in range(2, r + 1))]
-        union = [record for stem in rounds for _, record in read_jsonl(str(out / f"data/{stem}.jsonl"))]
+        union = [record for i in range(1, r + 1) for _, record in read_jsonl(favourites(i))]
         data = write_jsonl(str(out / f"data/best_of_{k}_rounds_1_to_{r}.jsonl"), union)
     return sft(base_dir, Path(data), model_dir, epochs=sizes.rs_epochs, lr=sizes.rs_lr, seed=seed)
 
@@ -606,7 +610,7 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
             refreshed = timed(seconds, "reward_model", refresh_helpfulness, out, r, policy_dir,
                               problems[f"pairs_round_{r}"], sizes, rng, seed)  # fmt: skip
             reward_metrics[f"helpfulness_round_{r}"] = refreshed
-            report_refresh(r, policy_dir, refreshed)
+            report_refresh(policy_dir, refreshed)
             helpfulness = Llama2ForSequenceClassification.from_pretrained(out / f"reward_model_round_{r}").eval()
             ranking = {**rewards, "helpfulness": helpfulness}
         curve = timed(seconds, "rejection_sampling", best_of_n, out, r, policy_dir,
@@ -739,7 +743,7 @@ def report_reward_models(metrics: dict[str, dict]) -> None:
         print(f"{objective} reward model ranks held-out pairs right: {figures['eval_accuracy']:.1%}")
 
 
-def report_refresh(r: int, policy_dir: Path, figures: dict) -> None:
+def report_refresh(policy_dir: Path, figures: dict) -> None:
     print(f"helpfulness reward model, one more epoch on {figures['pairs']} pairs of {policy_dir.name}'s "
           f"samples: ranks the SFT model's held-out pairs right {figures['eval_accuracy']:.1%}")  # fmt: skip
 
