@@ -196,10 +196,13 @@ def rejection_sample(
             args.top_p, tokenizer.pad_token_id, args.compile,
         )  # fmt: skip
         responses = [[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in s] for s in sampled]
-        rewards = score_samples(tokenizer, reward_models, prompts[start : start + batch], responses)
-        for prompt, texts, reward in zip(prompts[start : start + batch], responses, rewards, strict=True):
+        # A sample that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
+        # training data: the chat format refuses it. It keeps its place among the samples with reward 0, never kept.
+        usables = [[i for i, text in enumerate(texts) if not forbidden_in(text)] for texts in responses]
+        rewards = score_samples(tokenizer, reward_models, prompts[start : start + batch], responses, usables)
+        for prompt, texts, usable, reward in zip(prompts[start : start + batch], responses, usables, rewards,
+                                                 strict=True):  # fmt: skip
             samples = [{"response": r, "reward": x} for r, x in zip(texts, reward.tolist(), strict=True)]
-            usable = [i for i, text in enumerate(texts) if not forbidden_in(text)]
             for i in set(range(len(texts))) - set(usable):
                 samples[i]["refused"] = True
             if not usable:
@@ -225,17 +228,16 @@ def score_samples(
     reward_models: dict[str, PreTrainedModel],
     prompts: list[dict],
     responses: list[list[str]],
+    usables: list[list[int]],
 ) -> list[torch.Tensor]:
     """Reward of each prompt's responses (the combined reward with both models), scored in one batch per reward
-    model. A response that spells a control token or a chat tag in text (`<`, `s`, `>` as ordinary pieces) cannot be
-    training data: the chat format refuses it, so it is not scored and keeps its place with reward 0."""
+    model; only the `usables` (indices per prompt) are scored, the others keep reward 0."""
     where, rows, unsafe = [], [], []
-    for p, (prompt, texts) in enumerate(zip(prompts, responses, strict=True)):
-        for i, text in enumerate(texts):
-            if not forbidden_in(text):
-                where.append((p, i))
-                rows.append(encode_response(tokenizer, prompt["messages"], text)[0])
-                unsafe.append(prompt["unsafe"])
+    for p, (prompt, texts, usable) in enumerate(zip(prompts, responses, usables, strict=True)):
+        for i in usable:
+            where.append((p, i))
+            rows.append(encode_response(tokenizer, prompt["messages"], texts[i])[0])
+            unsafe.append(prompt["unsafe"])
     rewards = [torch.zeros(len(texts)) for texts in responses]
     if not rows:
         return rewards
