@@ -234,3 +234,12 @@ def test_without_matplotlib_the_plot_is_skipped_and_said(recipe, monkeypatch, tm
     assert recipe.plot_best_of_n([curve], tmp_path / "plot.png") is False and not (tmp_path / "plot.png").exists()
     recipe.report_no_plot()
     assert "matplotlib is not installed: the max-vs-median reward plot was skipped" in capsys.readouterr().out
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after(recipe):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError), recipe.torch_threads(other):
+        assert torch.get_num_threads() == other
+        raise RuntimeError
+    assert torch.get_num_threads() == before
