@@ -626,7 +626,7 @@ def run(out: Path, sizes: Sizes, *, seed: int, finetune_best_of: int) -> dict:
             refreshed = timed(seconds, "reward_model", refresh_helpfulness, out, r, policy_dir,
                               problems[f"pairs_round_{r}"], sizes, rng, seed)  # fmt: skip
             reward_metrics[f"helpfulness_round_{r}"] = refreshed
-            report_refresh(policy_dir, refreshed)
+            report_refresh(policy_dir, refreshed, sizes.refresh_epochs)
             helpfulness = Llama2ForSequenceClassification.from_pretrained(out / f"reward_model_round_{r}").eval()
             ranking = {**rewards, "helpfulness": helpfulness}
         curve = timed(seconds, "rejection_sampling", best_of_n, out, r, policy_dir,
@@ -759,9 +759,10 @@ def report_reward_models(metrics: dict[str, dict]) -> None:
         print(f"{objective} reward model ranks held-out pairs right: {figures['eval_accuracy']:.1%}")
 
 
-def report_refresh(policy_dir: Path, figures: dict) -> None:
-    print(f"helpfulness reward model, one more epoch on {figures['pairs']} pairs of {policy_dir.name}'s "
-          f"samples: ranks the SFT model's held-out pairs right {figures['eval_accuracy']:.1%}")  # fmt: skip
+def report_refresh(policy_dir: Path, figures: dict, epochs: float) -> None:
+    print(f"helpfulness reward model, {epochs:g} more epoch{'' if epochs == 1 else 's'} on {figures['pairs']} pairs "
+          f"of {policy_dir.name}'s samples: ranks the SFT model's held-out pairs right "
+          f"{figures['eval_accuracy']:.1%}")  # fmt: skip
 
 
 def report_no_plot() -> None:

@@ -215,7 +215,7 @@ def test_round_two_reward_model_learns_round_one_models_mistakes_on_fresh_prompt
     """The refreshed helpfulness model's pairs: right answers over round 1's model's wrong samples, on safe prompts
     no other set holds (so its favourites are never ones it was trained to rank)."""
     stdout = (run / "stdout.txt").read_text()
-    assert "helpfulness reward model, one more epoch on" in stdout and "pairs of rejection_sampling's samples" in stdout
+    assert "helpfulness reward model, 1 more epoch on" in stdout and "pairs of rejection_sampling's samples" in stdout
     pairs = [json.loads(line) for line in (run / "data/pairs_round_2.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"] == "".join(sorted(p["prompt"].rstrip("="))) != p["rejected"] for p in pairs)
     assert not any("13" in p["prompt"] for p in pairs)
