@@ -19,6 +19,7 @@ from modeling_llama2.inference.quantization import (
     round_activations,
     save_quantized,
 )
+from modeling_llama2.torch_internals import FBGEMM_REDUCE_RANGE
 
 from .conftest import tiny_config
 
@@ -53,19 +54,20 @@ def test_int8_logits_stay_close_to_fp32(fp32_and_int8, activations):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def torch_rounding(x: torch.Tensor) -> torch.Tensor:
-    """torch's own dynamic per-tensor quantization of `x` (8 bits, the parameters fbgemm's linear picks)."""
+def torch_rounding(x: torch.Tensor, reduce_range: bool = FBGEMM_REDUCE_RANGE) -> torch.Tensor:
+    """torch's own dynamic per-tensor quantization of `x` (the parameters fbgemm's linear picks on this CPU)."""
     with warnings.catch_warnings():  # quantized tensors are deprecated
         warnings.simplefilter("ignore", UserWarning)
-        return torch.quantize_per_tensor_dynamic(x, torch.quint8, False).dequantize()
+        return torch.quantize_per_tensor_dynamic(x, torch.quint8, reduce_range).dequantize()
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])  # 8 bits with VNNI, 7 without
 @pytest.mark.parametrize("shape", [(1, 1, 48), (3, 5, 48), (2, 48)])
 @pytest.mark.parametrize("scale", [3.0, 1e-5])  # 1e-5: a range below fbgemm's smallest scale
-def test_round_activations_matches_torch_dynamic_quantization(shape, scale):
+def test_round_activations_matches_torch_dynamic_quantization(shape, scale, reduce_range):
     torch.manual_seed(0)
     for x in (torch.randn(*shape) * scale + scale / 2, torch.randn(*shape).abs() * scale, torch.zeros(*shape)):
-        assert torch.equal(round_activations(x), torch_rounding(x))
+        assert torch.equal(round_activations(x, reduce_range=reduce_range), torch_rounding(x, reduce_range))
 
 
 def references(quantized: Llama2ForCausalLM) -> dict[str, Llama2ForCausalLM]:

@@ -8,7 +8,8 @@ only picks the kernel:
 - "float" (weight-only, the default): y = x (W_int8 * scale)^T + b with `x` unrounded, on every path equal (to
   float rounding) to the fp32 model holding the dequantized weights.
 - "int8": `x` is also rounded to 8 bits at run time, one scale and zero point per call for all its rows (fbgemm's
-  dynamic quantization: `torch.quantize_per_tensor_dynamic(x, torch.quint8, False)`), so a row's logits depend
+  dynamic quantization: `torch.quantize_per_tensor_dynamic(x, torch.quint8, reduce_range)`; 7 bits on a CPU
+  without VNNI, where fbgemm's 8-bit sums saturate), so a row's logits depend
   slightly on the other rows of its batch. The logit error against fp32 grows by about half (random weights, 64
   tokens, relative L2: 0.021 -> 0.030 at 15M, 0.036 -> 0.054 at 125M, in benchmarks/README.md).
 
@@ -61,20 +62,21 @@ def check_activations(activations: str) -> str:
     return activations
 
 
-def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """`x` rounded to 8 bits as fbgemm's dynamic int8 linear rounds it, in tensor ops (so also inside a compiled
-    graph and on any device): the range [min(x, 0), max(x, 0)] in 255 steps with an integer zero point, as torch's
-    `_choose_qparams_per_tensor` picks them, then `(clamp(round(x / scale + zero_point), 0, 255) - zero_point) *
-    scale`."""
+def round_activations(x: torch.Tensor, *, reduce_range: bool = torch_internals.FBGEMM_REDUCE_RANGE) -> torch.Tensor:
+    """`x` rounded as fbgemm's dynamic int8 linear rounds it on this CPU, in tensor ops (so also inside a compiled
+    graph and on any device): the range [min(x, 0), max(x, 0)] in 255 steps (127 with `reduce_range`, fbgemm's
+    setting on CPUs without VNNI) with an integer zero point, as torch's `_choose_qparams_per_tensor` picks them,
+    then `(clamp(round(x / scale + zero_point), 0, levels) - zero_point) * scale`."""
+    levels = 127 if reduce_range else 255
     x32 = x.float()
     low, high = x32.amin().clamp(max=0).double(), x32.amax().clamp(min=0).double()
-    steps = 255 / (high - low).clamp(min=1e-300)  # 1 / scale (an all-zero x stays zero)
+    steps = levels / (high - low).clamp(min=1e-300)  # 1 / scale (an all-zero x stays zero)
     # The zero point from either end of the range: equal but for rounding, so fbgemm takes the one of smaller terms.
-    from_low, from_high = -low * steps, 255 - high * steps
-    zero_point = torch.where(-(low * steps).abs() < 255 - (high * steps).abs(), from_low, from_high)
-    zero_point = torch.round(zero_point).clamp(0, 255).float()
+    from_low, from_high = -low * steps, levels - high * steps
+    zero_point = torch.where(-(low * steps).abs() < levels - (high * steps).abs(), from_low, from_high)
+    zero_point = torch.round(zero_point).clamp(0, levels).float()
     scale = (1 / steps).float().clamp(min=MIN_SCALE)
-    return ((torch.clamp(torch.round(x32 * (1 / scale) + zero_point), 0, 255) - zero_point) * scale).to(x.dtype)
+    return ((torch.clamp(torch.round(x32 * (1 / scale) + zero_point), 0, levels) - zero_point) * scale).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
