@@ -161,6 +161,32 @@ def test_samples_that_spell_control_tokens_are_never_kept(tokenizer, policy, mon
     assert "Dropped 1 prompt(s)" in caplog.text
 
 
+def test_a_response_drawn_twice_is_scored_once_per_prompt(tokenizer, policy, monkeypatch):
+    """Repeated samples of a prompt share one reward-model row and its reward; the same text answering another prompt
+    is scored in its own context."""
+    texts = ["the cat", "the dog", "the cat", "the cat"]
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    prompts = [{"messages": [{"role": "user", "content": q}], "unsafe": False} for q in ("the cat?", "the dog?")]
+    monkeypatch.setattr(
+        "modeling_llama2.alignment.rejection_sampling.sample_prompts", lambda *args, **kwargs: [ids, ids[:2]]
+    )
+    helpfulness, rows_scored = reward_model(tokenizer, 1, "helpfulness"), []
+    helpfulness.register_forward_hook(lambda module, args, kwargs, output: rows_scored.append(len(kwargs["input_ids"])),
+                                      with_kwargs=True)  # fmt: skip
+    args = SamplingArguments(prompts="-", num_samples=4, max_new_tokens=8, temperature=1.0, top_p=1.0,
+                             prompts_per_batch=2)  # fmt: skip
+    records = rejection_sample(policy, tokenizer, {"helpfulness": helpfulness}, prompts, args)
+    assert rows_scored == [4]  # two distinct texts for each prompt
+    for prompt, record in zip(prompts, records, strict=True):
+        rows = [encode_response(tokenizer, prompt["messages"], text)[0] for text in texts[:2]]
+        expected = dict(zip(texts[:2], torch.sigmoid(score(helpfulness, rows, 0)).tolist(), strict=True))
+        rewards = torch.tensor([sample["reward"] for sample in record["samples"]])
+        torch.testing.assert_close(rewards, torch.tensor([expected[s["response"]] for s in record["samples"]]))
+    cat = [sample["reward"] for sample in records[0]["samples"] if sample["response"] == "the cat"]
+    assert len(cat) == 3 and len(set(cat)) == 1
+    assert records[0]["samples"][0]["reward"] != records[1]["samples"][0]["reward"]
+
+
 def test_prompt_too_long_for_the_context_is_refused(tokenizer, policy):
     prompts = [
         {"messages": [{"role": "user", "content": "the cat?"}], "unsafe": False},
