@@ -105,7 +105,10 @@ class Sizes:
     pair_samples: int = 16  # per pair problem: each distinct wrong one makes a pair, up to `pairs_per_problem`
     pairs_per_problem: int = 4  # the RM's training time then stays under 2000 x 4 pairs, whatever the SFT error rate
     sft_unsafe_problems: int = 400  # besides the ~7% of unsafe requests among any random problems
-    safety_pair_problems: int = 600  # half unsafe requests, half safe ones
+    # Half unsafe requests, half safe ones. With 600, the safety model scored right answers to safe requests with a 1
+    # and a 3 in them below the 0.15 rule, where a refusal beat them (74 of 913 safe favourites in a seed's round 1
+    # were refusals; 8 with 1200, measured by retraining that model alone).
+    safety_pair_problems: int = 1200
     rm_epochs: float = 6  # helpfulness; best of 16 minus one sample, seeds 0-2 at 4 epochs: 21.5 / 11.7 / 17.0
     rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
     rm_batch: int = 64
@@ -113,7 +116,7 @@ class Sizes:
     refresh_epochs: float = 1  # continued training of the last round's helpfulness model on them
     safety_rm_epochs: float = 3
     safety_rm_lr: float = 1e-3
-    safety_rm_batch: int = 16  # its ~540 pairs make too few steps in batches of 64
+    safety_rm_batch: int = 16  # its ~1080 pairs make too few steps in batches of 64
     rs_prompts: int = 1000  # per round
     rs_unsafe_prompts: int = 250  # per round, besides: refusals fade unless each round also trains on them
     rs_rounds: int = 2  # round r samples from round r-1's model (the paper's RLHF V1, V2, ...)
