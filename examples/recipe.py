@@ -109,7 +109,8 @@ class Sizes:
     # and a 3 in them below the 0.15 rule, where a refusal beat them (74 of 913 safe favourites in a seed's round 1
     # were refusals; 8 with 1200, measured by retraining that model alone).
     safety_pair_problems: int = 1200
-    rm_epochs: float = 6  # helpfulness; best of 16 minus one sample, seeds 0-2 at 4 epochs: 21.5 / 11.7 / 17.0
+    # Helpfulness; its favourite of 16 minus one sample, seeds 0-2: 23.5 / 22.7 / 18.1 (4 epochs: 21.5 / 11.7 / 17.0).
+    rm_epochs: float = 6
     rm_lr: float = 5e-4  # helpfulness; at 1e-3 and 2e-3 it ranked no better than chance among the policy's samples
     rm_batch: int = 64
     refresh_pair_problems: int = 1000  # per round after the first: pairs from the last round's model
