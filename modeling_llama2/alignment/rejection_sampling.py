@@ -237,11 +237,11 @@ def score_samples(
     where, rows, unsafe, row_of = [], [], [], {}
     for p, (prompt, texts, usable) in enumerate(zip(prompts, responses, usables, strict=True)):
         for i in usable:
-            if (p, texts[i]) not in row_of:
-                row_of[p, texts[i]] = len(rows)
+            if (key := (p, texts[i])) not in row_of:
+                row_of[key] = len(rows)
                 rows.append(encode_response(tokenizer, prompt["messages"], texts[i])[0])
                 unsafe.append(prompt["unsafe"])
-            where.append((p, i, row_of[p, texts[i]]))
+            where.append((p, i, row_of[key]))
     rewards = [torch.zeros(len(texts)) for texts in responses]
     if not rows:
         return rewards
