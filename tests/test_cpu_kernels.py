@@ -1,15 +1,23 @@
-"""CPU kernels for inference: each `CPULinear` path (MKL, oneDNN, the compiled reduction) computes the linear, the
+"""CPU kernels for inference: each `CPULinear` path (MKL, oneDNN, the compiled reduction, the several-row kernel)
+computes the linear, the
 model keeps its parameters (saves, loads, copies), and the compiled decode step with fp32 or int8 weights runs
 without a graph break and agrees with the eager model."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 
 from modeling_llama2 import Llama2ForCausalLM
 from modeling_llama2.inference import cpu_kernels
-from modeling_llama2.inference.cpu_kernels import CPULinear, onednn_linear, reduction_linear, use_cpu_kernels
+from modeling_llama2.inference.cpu_kernels import (
+    CPULinear,
+    onednn_linear,
+    reduction_linear,
+    rows_linear,
+    use_cpu_kernels,
+)
 from modeling_llama2.inference.decoding import generate
 from modeling_llama2.inference.quantization import Int8Linear, quantize_int8
 
@@ -27,6 +35,50 @@ def test_each_kernel_computes_the_linear(shape):
     torch.testing.assert_close(torch.compile(reduction_linear)(x, weight), expected, atol=1e-5, rtol=1e-5)
     int8 = torch.randint(-127, 128, (80, 48), dtype=torch.int8)
     torch.testing.assert_close(torch.compile(reduction_linear)(x, int8), x @ int8.float().T, atol=1e-3, rtol=1e-5)
+
+
+needs_rows_kernel = pytest.mark.skipif(not cpu_kernels.rows_kernel(), reason="no C++ compiler for the rows kernel")
+
+
+@needs_rows_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("out_features, in_features", [(7, 13), (33, 300)])  # tails: not a multiple of 4 or 8
+def test_rows_kernel_computes_the_fp32_and_weight_only_int8_linear(rows, out_features, in_features):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+    torch.testing.assert_close(rows_linear(x, weight), x @ weight.T, atol=1e-5, rtol=1e-5)
+    int8, scale = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8), torch.rand(out_features)
+    expected = x @ (int8.float() * scale[:, None]).T  # x is not rounded: weight-only
+    torch.testing.assert_close(rows_linear(x, int8, scale), expected, atol=1e-4, rtol=1e-4)
+    compiled = torch.compile(lambda x, w: rows_linear(x.relu(), w) + 1, fullgraph=True)  # an op inside a graph
+    torch.testing.assert_close(compiled(x, weight), x.relu() @ weight.T + 1, atol=1e-5, rtol=1e-5)
+
+
+@needs_rows_kernel
+def test_cpu_linear_takes_the_rows_kernel_up_to_its_row_limit():
+    torch.manual_seed(0)
+    fast = use_cpu_kernels(torch.nn.Linear(48, 80, bias=False))
+    with torch.no_grad():
+        for rows in (1, cpu_kernels.MAX_KERNEL_ROWS):
+            x = torch.randn(rows, 48)
+            assert torch.equal(fast(x), rows_linear(x, fast.weight))
+        x = torch.randn(cpu_kernels.MAX_KERNEL_ROWS + 1, 48)  # beyond the limit: the library kernels
+        assert torch.equal(fast(x), torch.nn.functional.linear(x, fast.weight))
+
+
+def test_a_rows_kernel_that_cannot_be_built_warns_and_leaves_the_library_kernels(monkeypatch):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(cpu_kernels, "_rows_kernel", None)
+    monkeypatch.setattr(cpu_kernels.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built .*c\\+\\+: not found.*falls back to MKL and oneDNN"):
+        fast = use_cpu_kernels(torch.nn.Linear(48, 80))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        x = torch.randn(4, 48)
+        with torch.no_grad():
+            assert torch.equal(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias))
 
 
 @pytest.mark.parametrize("min_onednn_elements", [0, 2**40])
@@ -79,7 +131,7 @@ def test_only_fp32_cpu_linears_change_and_the_model_still_saves(model, tmp_path)
 
 def test_compiled_greedy_tokens_match_the_eager_model(model):
     fast = use_cpu_kernels(copy.deepcopy(model))
-    for batch in (1, 2):  # the reduction at one row; oneDNN and MKL at two
+    for batch in (1, 2):  # the reduction at one row; the rows kernel at two (the prompt: oneDNN and MKL)
         ids = torch.randint(1, 256, (batch, 12), generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)

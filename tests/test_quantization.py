@@ -114,16 +114,18 @@ def assert_mode(logits: torch.Tensor, refs: dict[str, torch.Tensor], activations
 
 @pytest.mark.parametrize("activations", ["float", "int8"])
 def test_every_path_computes_its_modes_numerics(one_layer, activations):
-    """Eager and compiled (dynamo, eager backend), one row (an LM head's or a decode step's) and several (prefill,
-    batches): each within float rounding of its mode's reference, and measurably apart from the other mode's."""
+    """Eager and compiled (dynamo, eager backend), one row (an LM head's or a decode step's), a decode batch's few
+    rows and many (prefill): each within float rounding of its mode's reference, and measurably apart from the other
+    mode's."""
     quantized = quantize_int8(copy.deepcopy(one_layer), activations=activations)
     refs = references(quantized)
     gen = torch.Generator().manual_seed(0)
     several, single = torch.randint(1, 256, (2, 12), generator=gen), torch.randint(1, 256, (1, 1), generator=gen)
+    batch = torch.randint(1, 256, (4, 1), generator=gen)  # a decode step's rows: the several-row kernel
     torch._dynamo.reset()
     compiled = torch.compile(quantized, backend="eager", fullgraph=True)
     with torch.no_grad():
-        for ids, rows in ((several, "several rows"), (single, "one row")):
+        for ids, rows in ((several, "several rows"), (single, "one row"), (batch, "a decode batch")):
             expected = {mode: ref(ids).logits for mode, ref in refs.items()}
             assert_mode(quantized(ids).logits, expected, activations, f"eager, {rows}")
             assert_mode(compiled(ids).logits, expected, activations, f"compiled, {rows}")

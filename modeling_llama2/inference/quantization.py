@@ -45,7 +45,7 @@ from .. import torch_internals
 from ..configuration_llama2 import Llama2Config
 from ..modeling_llama2 import Llama2ForCausalLM
 from ..torch_internals import INT8PACK_CPU
-from .cpu_kernels import PackedWeight, fbgemm_int8_linear, reduction_linear, use_reduction
+from .cpu_kernels import PackedWeight, fbgemm_int8_linear, reduction_linear, rows_linear, use_reduction, use_rows_kernel
 
 WEIGHTS_NAME = "model.int8.safetensors"
 ACTIVATIONS = ("float", "int8")
@@ -139,6 +139,8 @@ class Int8Linear(nn.Module):
         scale = self.weight_scale.to(x.dtype)
         if use_reduction(x):
             y = reduction_linear(x, self.weight) * scale
+        elif use_rows_kernel(x):
+            y = rows_linear(x, self.weight, self.weight_scale)
         elif x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
             y = torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
         else:
