@@ -15,9 +15,11 @@ only picks the kernel:
 
 Kernels on a CPU (fp32 activations):
 - "float": for one row inside `torch.compile` (the batch-1 decode step) `cpu_kernels.reduction_linear`, one
-  compiled loop that converts the int8 weight as it reads it; eagerly for one row (an LM head's last row,
-  transformers' `generate` loop) aten's weight-only `_weight_int8pack_mm`; for several rows the weight dequantized
-  for a BLAS matmul, which writes and reads a float copy of every weight per call.
+  compiled loop that converts the int8 weight as it reads it; up to `cpu_kernels.MAX_KERNEL_ROWS` rows (a decode
+  batch, best-of-N, eagerly also one row) `cpu_kernels.rows_linear`, which reads the int8 weight once for all
+  rows and converts it as it goes; for more rows (prefill) the weight dequantized for a BLAS matmul, whose float
+  copy is paid once for all the rows. Where the rows kernel cannot be built, one row takes aten's weight-only
+  `_weight_int8pack_mm` and several the dequantized matmul.
 - "int8": fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on first eager
   use, through `cpu_kernels`' custom op, also inside a compiled graph); before the first eager call, or without
   fbgemm, its rounding in tensor ops (`round_activations`) before the "float" kernels. In the compiled batch-1 step

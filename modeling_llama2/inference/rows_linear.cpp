@@ -2,7 +2,7 @@
 // once for all rows. MKL's and oneDNN's small-M kernels read the weight at 3-7 GB/s at 8 rows on this project's
 // 2-core x86 CPU; this loop keeps a tile of 4 weight rows in L1 while all rows of x pass over it (see
 // cpu_kernels.py for the measurements). The weight is fp32, or int8 with one fp32 scale per output (weight-only:
-// x is not rounded), converted as it is read.
+// x is not rounded), converted a tile at a time.
 //
 // Built on first use by torch.utils.cpp_extension with -march=native and OpenMP (torch's own runtime, so
 // at::parallel_for splits the outputs over torch's threads). GCC vector types keep it portable: AVX2, AVX-512 or
@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -26,12 +27,6 @@ inline vfloat load(const float* p) {
   return v;
 }
 
-inline vfloat load(const int8_t* p) {
-  vfloat v;
-  for (int k = 0; k < kLanes; ++k) v[k] = static_cast<float>(p[k]);
-  return v;
-}
-
 inline float hsum(vfloat v) {
   float s = 0.f;
   for (int k = 0; k < kLanes; ++k) s += v[k];
@@ -40,8 +35,8 @@ inline float hsum(vfloat v) {
 
 // A weight rows (starting at w) times R rows of x, into y[r * out + a]. A x R accumulators fit the 16 vector
 // registers of AVX2 with the A weight vectors they share.
-template <int A, int R, typename W>
-inline void tile(const float* x, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
+template <int A, int R>
+inline void tile(const float* x, int64_t in, const float* w, const float* scale, float* y, int64_t out) {
   vfloat acc[A][R] = {};
   int64_t i = 0;
   for (; i + kLanes <= in; i += kLanes) {
@@ -55,31 +50,46 @@ inline void tile(const float* x, int64_t in, const W* w, const float* scale, flo
   for (int a = 0; a < A; ++a) {
     for (int r = 0; r < R; ++r) {
       float s = hsum(acc[a][r]);
-      for (int64_t j = i; j < in; ++j) s += static_cast<float>(w[a * in + j]) * x[r * in + j];
+      for (int64_t j = i; j < in; ++j) s += w[a * in + j] * x[r * in + j];
       y[r * out + a] = scale ? s * scale[a] : s;
     }
   }
 }
 
 // A weight rows times every row of x: the weight tile is read from memory once, then from L1.
-template <int A, typename W>
-inline void all_rows(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y,
+template <int A>
+inline void all_rows(const float* x, int64_t rows, int64_t in, const float* w, const float* scale, float* y,
                      int64_t out) {
   int64_t r = 0;
   for (; r + 2 <= rows; r += 2) tile<A, 2>(x + r * in, in, w, scale, y + r * out, out);
   if (r < rows) tile<A, 1>(x + r * in, in, w, scale, y + r * out, out);
 }
 
-template <typename W>
-void linear(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
-  constexpr int64_t kTile = 4;
+constexpr int64_t kTile = 4;
+
+void linear(const float* x, int64_t rows, int64_t in, const float* w, float* y, int64_t out) {
   at::parallel_for(0, (out + kTile - 1) / kTile, 16, [&](int64_t begin, int64_t end) {
     int64_t o = begin * kTile;
     const int64_t stop = std::min(out, end * kTile);
-    for (; o + kTile <= stop; o += kTile) {
-      all_rows<kTile>(x, rows, in, w + o * in, scale ? scale + o : nullptr, y + o, out);
+    for (; o + kTile <= stop; o += kTile) all_rows<kTile>(x, rows, in, w + o * in, nullptr, y + o, out);
+    for (; o < stop; ++o) all_rows<1>(x, rows, in, w + o * in, nullptr, y + o, out);
+  });
+}
+
+// int8: each tile of weight rows is converted to float once, into a buffer that stays in cache while the rows of x
+// pass over it (converting inside `tile` would repeat the conversion for every pair of rows).
+void linear(const float* x, int64_t rows, int64_t in, const int8_t* w, const float* scale, float* y, int64_t out) {
+  at::parallel_for(0, (out + kTile - 1) / kTile, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile_w(kTile * in);
+    for (int64_t o = begin * kTile, stop = std::min(out, end * kTile); o < stop; o += kTile) {
+      const int64_t n = std::min(kTile, stop - o);
+      for (int64_t j = 0; j < n * in; ++j) tile_w[j] = static_cast<float>(w[o * in + j]);
+      if (n == kTile) {
+        all_rows<kTile>(x, rows, in, tile_w.data(), scale + o, y + o, out);
+      } else {
+        for (int64_t a = 0; a < n; ++a) all_rows<1>(x, rows, in, tile_w.data() + a * in, scale + o + a, y + o + a, out);
+      }
     }
-    for (; o < stop; ++o) all_rows<1>(x, rows, in, w + o * in, scale ? scale + o : nullptr, y + o, out);
   });
 }
 
@@ -94,7 +104,7 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   auto y = at::empty({rows, out}, x.options());
   if (weight.scalar_type() == at::kFloat) {
     TORCH_CHECK(!scale.has_value(), "rows_linear: an fp32 weight takes no scale");
-    linear(xc.const_data_ptr<float>(), rows, in, wc.const_data_ptr<float>(), nullptr, y.data_ptr<float>(), out);
+    linear(xc.const_data_ptr<float>(), rows, in, wc.const_data_ptr<float>(), y.data_ptr<float>(), out);
   } else {
     TORCH_CHECK(weight.scalar_type() == at::kChar && scale.has_value() && scale->scalar_type() == at::kFloat &&
                     scale->numel() == out,
