@@ -1,7 +1,6 @@
 """CPU kernels for inference: each `CPULinear` path (MKL, oneDNN, the compiled reduction, the several-row kernel)
-computes the linear, the
-model keeps its parameters (saves, loads, copies), and the compiled decode step with fp32 or int8 weights runs
-without a graph break and agrees with the eager model."""
+computes the linear, the model keeps its parameters (saves, loads, copies), and the compiled decode step with fp32
+or int8 weights runs without a graph break and agrees with the eager model."""
 
 import copy
 import warnings

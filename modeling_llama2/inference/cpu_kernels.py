@@ -86,6 +86,12 @@ def _rows_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def wants_gradient(x: torch.Tensor) -> bool:
+    """Whether autograd will need the product's backward, which the oneDNN and rows kernels do not have (adapters
+    trained on top of frozen linears take MKL)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def use_rows_kernel(x: torch.Tensor) -> bool:
     """Whether `x`'s product goes through `rows_linear`: fp32 rows on a CPU, at most `MAX_KERNEL_ROWS` of them,
     no gradient wanted (the kernel has no backward), and the kernel built."""
@@ -93,7 +99,7 @@ def use_rows_kernel(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.numel() // x.shape[-1] <= MAX_KERNEL_ROWS
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and not wants_gradient(x)
         and rows_kernel()
     )
 
@@ -178,8 +184,7 @@ class CPULinear(nn.Linear):
             y = reduction_linear(x, self.weight)
         elif use_rows_kernel(x):
             y = rows_linear(x, self.weight)
-        elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS and not (x.requires_grad and torch.is_grad_enabled()):
-            # oneDNN's op has no backward; an input that needs a gradient (adapters trained on top) takes MKL.
+        elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS and not wants_gradient(x):
             y = onednn_linear(x, self.weight)
         else:
             return F.linear(x, self.weight, self.bias)

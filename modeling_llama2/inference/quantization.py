@@ -142,7 +142,7 @@ class Int8Linear(nn.Module):
         if use_reduction(x):
             y = reduction_linear(x, self.weight) * scale
         elif use_rows_kernel(x):
-            y = rows_linear(x, self.weight, self.weight_scale)
+            y = rows_linear(x, self.weight, scale)
         elif x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
             y = torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
         else:

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,27 +68,29 @@ inline void all_rows(const float* x, int64_t rows, int64_t in, const float* w, c
 
 constexpr int64_t kTile = 4;
 
-void linear(const float* x, int64_t rows, int64_t in, const float* w, float* y, int64_t out) {
-  at::parallel_for(0, (out + kTile - 1) / kTile, 16, [&](int64_t begin, int64_t end) {
-    int64_t o = begin * kTile;
-    const int64_t stop = std::min(out, end * kTile);
-    for (; o + kTile <= stop; o += kTile) all_rows<kTile>(x, rows, in, w + o * in, nullptr, y + o, out);
-    for (; o < stop; ++o) all_rows<1>(x, rows, in, w + o * in, nullptr, y + o, out);
-  });
+// Weight rows o..o+n as floats: an fp32 weight in place; an int8 one converted into `buffer` once per tile, which
+// stays in cache while the rows of x pass over it (converting inside `tile` would repeat it for every pair of rows).
+inline const float* tile_rows(const float* w, int64_t o, int64_t, int64_t in, std::vector<float>&) {
+  return w + o * in;
 }
 
-// int8: each tile of weight rows is converted to float once, into a buffer that stays in cache while the rows of x
-// pass over it (converting inside `tile` would repeat the conversion for every pair of rows).
-void linear(const float* x, int64_t rows, int64_t in, const int8_t* w, const float* scale, float* y, int64_t out) {
+inline const float* tile_rows(const int8_t* w, int64_t o, int64_t n, int64_t in, std::vector<float>& buffer) {
+  for (int64_t j = 0; j < n * in; ++j) buffer[j] = static_cast<float>(w[o * in + j]);
+  return buffer.data();
+}
+
+template <typename W>
+void linear(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
   at::parallel_for(0, (out + kTile - 1) / kTile, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile_w(kTile * in);
+    std::vector<float> buffer(std::is_same_v<W, float> ? 0 : kTile * in);
     for (int64_t o = begin * kTile, stop = std::min(out, end * kTile); o < stop; o += kTile) {
       const int64_t n = std::min(kTile, stop - o);
-      for (int64_t j = 0; j < n * in; ++j) tile_w[j] = static_cast<float>(w[o * in + j]);
+      const float* t = tile_rows(w, o, n, in, buffer);
+      const float* s = scale ? scale + o : nullptr;
       if (n == kTile) {
-        all_rows<kTile>(x, rows, in, tile_w.data(), scale + o, y + o, out);
+        all_rows<kTile>(x, rows, in, t, s, y + o, out);
       } else {
-        for (int64_t a = 0; a < n; ++a) all_rows<1>(x, rows, in, tile_w.data() + a * in, scale + o + a, y + o + a, out);
+        for (int64_t a = 0; a < n; ++a) all_rows<1>(x, rows, in, t + a * in, s ? s + a : nullptr, y + o + a, out);
       }
     }
   });
@@ -104,7 +107,7 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   auto y = at::empty({rows, out}, x.options());
   if (weight.scalar_type() == at::kFloat) {
     TORCH_CHECK(!scale.has_value(), "rows_linear: an fp32 weight takes no scale");
-    linear(xc.const_data_ptr<float>(), rows, in, wc.const_data_ptr<float>(), y.data_ptr<float>(), out);
+    linear(xc.const_data_ptr<float>(), rows, in, wc.const_data_ptr<float>(), nullptr, y.data_ptr<float>(), out);
   } else {
     TORCH_CHECK(weight.scalar_type() == at::kChar && scale.has_value() && scale->scalar_type() == at::kFloat &&
                     scale->numel() == out,
