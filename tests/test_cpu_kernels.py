@@ -152,7 +152,8 @@ def test_weight_only_int8_compiled_step_at_one_row_is_the_dequantized_model(mode
                 dequantized.get_submodule(name).weight.copy_(module.weight.float() * module.weight_scale[:, None])
     ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
-    # The compiled one-row loop (the activations are not rounded): the fp32 model holding the dequantized weights.
+    # The compiled batch-1 step (the rows kernel, activations not rounded): the fp32 model holding the dequantized
+    # weights.
     assert torch.equal(generate(quantized, ids, max_new_tokens=12), generate(dequantized, ids, max_new_tokens=12))
 
 

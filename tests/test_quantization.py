@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2.inference import cpu_kernels
 from modeling_llama2.inference.quantization import (
     DEFAULT_ACTIVATIONS,
     WEIGHTS_NAME,
@@ -133,9 +134,15 @@ def test_every_path_computes_its_modes_numerics(one_layer, activations):
     assert all(packed) if activations == "int8" and FBGEMM else not any(packed)  # fbgemm ran, or did not
 
 
+@pytest.mark.parametrize("rows_kernel", [True, False])
 @pytest.mark.parametrize("activations", ["float", "int8"])
-def test_inductors_one_row_kernel_computes_its_modes_numerics(one_layer, activations):
-    """The compiled one-row loop; "int8" rounds in tensor ops first, as where fbgemm's weight is not packed yet."""
+def test_inductors_one_row_step_computes_its_modes_numerics(monkeypatch, one_layer, activations, rows_kernel):
+    """The compiled batch-1 step: the rows kernel, or inductor's one-row loop where that kernel cannot be built;
+    "int8" rounds in tensor ops first, as where fbgemm's weight is not packed yet."""
+    if not rows_kernel:
+        monkeypatch.setattr(cpu_kernels, "_rows_kernel", False)
+    elif not cpu_kernels.rows_kernel():
+        pytest.skip("the rows kernel cannot be built here")
     quantized = quantize_int8(copy.deepcopy(one_layer), activations=activations)
     refs = references(quantized)
     ids = torch.randint(1, 256, (1, 1), generator=torch.Generator().manual_seed(1))

@@ -139,10 +139,10 @@ class Int8Linear(nn.Module):
         if self.activations == "int8":  # fbgemm's rounding where fbgemm cannot run
             x = round_activations(x)
         scale = self.weight_scale.to(x.dtype)
-        if use_reduction(x):
-            y = reduction_linear(x, self.weight) * scale
-        elif use_rows_kernel(x):
+        if use_rows_kernel(x):
             y = rows_linear(x, self.weight, scale)
+        elif use_reduction(x):
+            y = reduction_linear(x, self.weight) * scale
         elif x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
             y = torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
         else:
