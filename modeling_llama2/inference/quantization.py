@@ -14,25 +14,20 @@ only picks the kernel:
   tokens, relative L2: 0.021 -> 0.030 at 15M, 0.036 -> 0.054 at 125M, in benchmarks/README.md).
 
 Kernels on a CPU (fp32 activations):
-- "float": for one row inside `torch.compile` (the batch-1 decode step) `cpu_kernels.reduction_linear`, one
-  compiled loop that converts the int8 weight as it reads it; up to `cpu_kernels.MAX_KERNEL_ROWS` rows (a decode
-  batch, best-of-N, eagerly also one row) `cpu_kernels.rows_linear`, which reads the int8 weight once for all
-  rows and converts it as it goes; for more rows (prefill) the weight dequantized for a BLAS matmul, whose float
-  copy is paid once for all the rows. Where the rows kernel cannot be built, one row takes aten's weight-only
-  `_weight_int8pack_mm` and several the dequantized matmul.
+- "float": up to `cpu_kernels.MAX_KERNEL_ROWS` rows (batch-1 and batch-N decode steps, best-of-N; eager or inside
+  `torch.compile`) `cpu_kernels.rows_linear`, which reads the int8 weight once for all rows and converts each tile
+  as it goes; for more rows (prefill) the weight dequantized for a BLAS matmul, whose float copy is paid once for
+  all the rows. Where the rows kernel cannot be built (no C++ compiler), one row in a compiled graph takes
+  `cpu_kernels.reduction_linear` (a compiled loop that converts the weight as it reads it), one eager row aten's
+  weight-only `_weight_int8pack_mm`, and several the dequantized matmul.
 - "int8": fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on first eager
   use, through `cpu_kernels`' custom op, also inside a compiled graph); before the first eager call, or without
-  fbgemm, its rounding in tensor ops (`round_activations`) before the "float" kernels. In the compiled batch-1 step
-  that rounding ran at 0.41x of weight-only speed where fbgemm ran at 0.96x (15M shape, 1 thread).
+  fbgemm, its rounding in tensor ops (`round_activations`) before the "float" kernels.
 Elsewhere (GPUs) `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming kernel.
 
-The default is "float": exact (the dequantized model, whatever else is in the batch) at the speed of "int8" where
-int8 weights pay most, batch-1 decoding (15M, `decoding.generate`, "int8" / "float": 0.58x [0.30, 1.08] on 2
-threads, 0.96x [0.45, 1.96] on 1). With
-stock torch no weight-only CPU kernel comes near fbgemm for several rows (per product 7-9x slower at 8-16 rows, 2.5x
-at 512), so pass activations="int8" for batches, best-of-N and long prompts: measured "int8" / "float" 5.8x
-(15M) and 6.1x (125M) for batch-8 decoding on 1 thread (3.1x at 15M on 2), 1.3x and 1.9x for a 512-token
-prefill (paired rounds, median [95% interval], a shared 2-core Xeon; benchmarks/bench_decode.py times both).
+The default is "float": exact (the dequantized model, whatever else is in the batch), and with the rows kernel
+the faster of the two wherever a decode step reads its weights (benchmarks/README.md times both);
+activations="int8" pays off for long prompts, where fbgemm's int8 matmul beats the dequantized BLAS one.
 """
 
 import os
