@@ -40,8 +40,9 @@ needs_rows_kernel = pytest.mark.skipif(not cpu_kernels.rows_kernel(), reason="no
 
 
 @needs_rows_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 16])
-@pytest.mark.parametrize("out_features, in_features", [(7, 13), (33, 300)])  # tails: not a multiple of 4 or 8
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 16])  # one-row loop; tiles of 4, 2 and 1 rows
+# tails of `in` (not a multiple of 8) and of `out` (not a multiple of the 3- and 8-row weight tiles); 64: no tail
+@pytest.mark.parametrize("out_features, in_features", [(7, 13), (33, 300), (35, 64)])
 def test_rows_kernel_computes_the_fp32_and_weight_only_int8_linear(rows, out_features, in_features):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)

@@ -1,12 +1,13 @@
-// y = x W^T for a few rows of x (decoding: a batch or best-of-N samples, one token each), reading every weight
-// once for all rows. MKL's and oneDNN's small-M kernels read the weight at 3-7 GB/s at 8 rows on this project's
-// 2-core x86 CPU; this loop keeps a tile of 4 weight rows in L1 while all rows of x pass over it (see
-// cpu_kernels.py for the measurements). The weight is fp32, or int8 with one fp32 scale per output (weight-only:
-// x is not rounded), converted a tile at a time.
+// y = x W^T for a few rows of x (decoding: one token, a batch or best-of-N samples), reading every weight once for
+// all rows. MKL's and oneDNN's small-M kernels read the weight at 3-7 GB/s at 8 rows on this project's 2-core x86
+// CPU; these loops keep a tile of weight rows in L1 while all rows of x pass over it (see cpu_kernels.py and
+// benchmarks/README.md for the measurements). The weight is fp32, or int8 with one fp32 scale per output
+// (weight-only: x is not rounded).
 //
 // Built on first use by torch.utils.cpp_extension with -march=native and OpenMP (torch's own runtime, so
-// at::parallel_for splits the outputs over torch's threads). GCC vector types keep it portable: AVX2, AVX-512 or
-// NEON, whatever the compiler finds.
+// at::parallel_for splits the outputs over torch's threads). GCC vector types keep it portable (AVX2, AVX-512 or
+// NEON, whatever the compiler finds); AVX and AVX2 intrinsics only where GCC's vector code is slow: the eight-way
+// horizontal sum and the int8 to fp32 load.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,6 +17,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -34,39 +39,68 @@ inline float hsum(vfloat v) {
   return s;
 }
 
+#if defined(__AVX__)
+// The eight sums of v[0..7] as one vector (AVX: three rounds of pairwise adds instead of eight scalar chains).
+inline vfloat hsum8(const vfloat* v) {
+  const __m256 h01 = _mm256_hadd_ps((__m256)v[0], (__m256)v[1]), h23 = _mm256_hadd_ps((__m256)v[2], (__m256)v[3]);
+  const __m256 h45 = _mm256_hadd_ps((__m256)v[4], (__m256)v[5]), h67 = _mm256_hadd_ps((__m256)v[6], (__m256)v[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return (vfloat)_mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#else
+inline vfloat hsum8(const vfloat* v) {
+  vfloat s;
+  for (int k = 0; k < kLanes; ++k) s[k] = hsum(v[k]);
+  return s;
+}
+#endif
+
 // A weight rows (starting at w) times R rows of x, into y[r * out + a]. A x R accumulators fit the 16 vector
-// registers of AVX2 with the A weight vectors they share.
+// registers of AVX2 with the A weight vectors they share; their sums leave eight at a time (hsum8) when `in` has
+// no tail.
 template <int A, int R>
 inline void tile(const float* x, int64_t in, const float* w, const float* scale, float* y, int64_t out) {
-  vfloat acc[A][R] = {};
+  vfloat acc[A * R] = {};
   int64_t i = 0;
   for (; i + kLanes <= in; i += kLanes) {
     vfloat wv[A];
     for (int a = 0; a < A; ++a) wv[a] = load(w + a * in + i);
     for (int r = 0; r < R; ++r) {
       const vfloat xv = load(x + r * in + i);
-      for (int a = 0; a < A; ++a) acc[a][r] += wv[a] * xv;
+      for (int a = 0; a < A; ++a) acc[a * R + r] += wv[a] * xv;
     }
   }
-  for (int a = 0; a < A; ++a) {
-    for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[a][r]);
-      for (int64_t j = i; j < in; ++j) s += w[a * in + j] * x[r * in + j];
-      y[r * out + a] = scale ? s * scale[a] : s;
+  int k = 0;
+  if (i == in) {
+    for (; k + kLanes <= A * R; k += kLanes) {
+      const vfloat s = hsum8(acc + k);
+      for (int j = 0; j < kLanes; ++j) {
+        const int a = (k + j) / R, r = (k + j) % R;
+        y[r * out + a] = scale ? s[j] * scale[a] : s[j];
+      }
     }
+  }
+  for (; k < A * R; ++k) {
+    const int a = k / R, r = k % R;
+    float s = hsum(acc[k]);
+    for (int64_t j = i; j < in; ++j) s += w[a * in + j] * x[r * in + j];
+    y[r * out + a] = scale ? s * scale[a] : s;
   }
 }
+
+// Several rows of x: 3 weight rows x 4 rows of x (12 accumulators) ran 1.05-1.3x faster than 4 x 2 at 8-16 rows.
+constexpr int64_t kTile = 3;
+constexpr int kTileRows = 4;
 
 // A weight rows times every row of x: the weight tile is read from memory once, then from L1.
 template <int A>
 inline void all_rows(const float* x, int64_t rows, int64_t in, const float* w, const float* scale, float* y,
                      int64_t out) {
   int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows) tile<A, kTileRows>(x + r * in, in, w, scale, y + r * out, out);
   for (; r + 2 <= rows; r += 2) tile<A, 2>(x + r * in, in, w, scale, y + r * out, out);
   if (r < rows) tile<A, 1>(x + r * in, in, w, scale, y + r * out, out);
 }
-
-constexpr int64_t kTile = 4;
 
 // Weight rows o..o+n as floats: an fp32 weight in place; an int8 one converted into `buffer` once per tile, which
 // stays in cache while the rows of x pass over it (converting inside `tile` would repeat it for every pair of rows).
@@ -75,12 +109,69 @@ inline const float* tile_rows(const float* w, int64_t o, int64_t, int64_t in, st
 }
 
 inline const float* tile_rows(const int8_t* w, int64_t o, int64_t n, int64_t in, std::vector<float>& buffer) {
-  for (int64_t j = 0; j < n * in; ++j) buffer[j] = static_cast<float>(w[o * in + j]);
+  for (int64_t j = 0; j < n * in; ++j) buffer[j] = static_cast<float>(w[o * in + j]);  // vectorized by GCC
   return buffer.data();
+}
+
+// Eight weights as floats. GCC's conversion of an int8 vector type is scalar; AVX2 sign-extends and converts in
+// two instructions.
+typedef int8_t vint8 __attribute__((vector_size(kLanes)));
+inline vfloat load_weight(const float* p) { return load(p); }
+inline vfloat load_weight(const int8_t* p) {
+#if defined(__AVX2__)
+  return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vint8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, vfloat);
+#endif
+}
+
+// One row of x: no weight vector is shared, so 8 weight rows give 8 independent chains, and an int8 weight is
+// converted as it is loaded (a tile buffer would only add a store and a load per weight): 2-2.9x the int8 speed of
+// the tiled loop at one row, 1.02-1.13x in fp32.
+constexpr int64_t kOneRowTile = 8;
+
+template <typename W>
+inline void one_row_tile(const float* x, int64_t in, const W* w, const float* scale, float* y) {
+  vfloat acc[kOneRowTile] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= in; i += kLanes) {
+    const vfloat xv = load(x + i);
+    for (int a = 0; a < kOneRowTile; ++a) acc[a] += load_weight(w + a * in + i) * xv;
+  }
+  if (i == in) {
+    const vfloat s = hsum8(acc);
+    for (int a = 0; a < kOneRowTile; ++a) y[a] = scale ? s[a] * scale[a] : s[a];
+    return;
+  }
+  for (int a = 0; a < kOneRowTile; ++a) {
+    float s = hsum(acc[a]);
+    for (int64_t j = i; j < in; ++j) s += static_cast<float>(w[a * in + j]) * x[j];
+    y[a] = scale ? s * scale[a] : s;
+  }
+}
+
+template <typename W>
+void one_row_linear(const float* x, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
+  at::parallel_for(0, (out + kOneRowTile - 1) / kOneRowTile, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * kOneRowTile, stop = std::min(out, end * kOneRowTile); o < stop; o += kOneRowTile) {
+      if (o + kOneRowTile <= stop) {
+        one_row_tile(x, in, w + o * in, scale ? scale + o : nullptr, y + o);
+      } else {
+        for (int64_t a = o; a < stop; ++a) {
+          float s = 0.f;
+          for (int64_t j = 0; j < in; ++j) s += static_cast<float>(w[a * in + j]) * x[j];
+          y[a] = scale ? s * scale[a] : s;
+        }
+      }
+    }
+  });
 }
 
 template <typename W>
 void linear(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
+  if (rows == 1) return one_row_linear(x, in, w, scale, y, out);
   at::parallel_for(0, (out + kTile - 1) / kTile, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(std::is_same_v<W, float> ? 0 : kTile * in);
     for (int64_t o = begin * kTile, stop = std::min(out, end * kTile); o < stop; o += kTile) {
