@@ -172,6 +172,31 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def one_query_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for one query token with grouped key/value heads: the `n_rep` query heads of a group become `n_rep`
+    queries of its key/value head, (b, kv * n_rep, 1, d) -> (b, kv, n_rep, d), so that keys and values are read
+    where they are. transformers' "sdpa" does the same, but not inside `torch.compile`, where it repeats the key
+    and value heads: a copy of the whole cache in every layer of every compiled decode step (125M GQA, int8, decode
+    b=8: 1.08x [1.02, 1.17] without it)."""
+    batch, heads, _, head_dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], head_dim)
+    if attention_mask is not None:  # (b, 1, 1, kv_len): one mask for the whole group
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    attn_output = nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
+    return attn_output.reshape(batch, 1, heads, head_dim), None
+
+
 class Llama2Attention(nn.Module):
     """Grouped-query self-attention: `num_attention_heads` query heads share `num_key_value_heads` key/value
     heads. The kernel (eager, sdpa, flash, flex, ...) comes from transformers' attention registry."""
@@ -214,6 +239,13 @@ class Llama2Attention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if (
+            self.config._attn_implementation == "sdpa"
+            and self.num_key_value_groups > 1
+            and query_states.shape[2] == 1
+            and (attention_mask is None or attention_mask.shape[1] == 1)
+        ):
+            attention_interface = one_query_sdpa_attention
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

@@ -8,7 +8,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import pipeline
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from modeling_llama2 import Llama2Config, Llama2ForCausalLM, loss_llama2
+from modeling_llama2 import Llama2Config, Llama2ForCausalLM, loss_llama2, modeling_llama2
 from modeling_llama2.loss_llama2 import causal_lm_head_loss, causal_lm_loss
 
 from .alignment_helpers import alignment_config
@@ -104,6 +104,27 @@ def test_left_padded_greedy_generate_matches_transformers_and_unpadded(num_key_v
         for row, prompt in enumerate(prompts):
             alone = ours.generate(torch.tensor([prompt]), **kwargs)
             assert batched[row, input_ids.shape[1] :].tolist() == alone[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("num_key_value_heads", [2, 1], ids=["gqa", "mqa"])
+def test_one_token_steps_take_grouped_sdpa_and_match_transformers(monkeypatch, num_key_value_heads):
+    ours, ref = model_pair(seed=3, num_key_value_heads=num_key_value_heads, attn_implementation="sdpa")
+    calls, grouped = [], modeling_llama2.one_query_sdpa_attention
+    spy = lambda *args, **kwargs: calls.append(1) or grouped(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(modeling_llama2, "one_query_sdpa_attention", spy)
+    input_ids, attention_mask = left_padded_batch([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        out = {m: m(input_ids, attention_mask=attention_mask, use_cache=True) for m in (ours, ref)}
+        assert not calls  # a prompt of several tokens keeps transformers' kernel
+        for token in (15, 16, 17):
+            attention_mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=attention_mask.dtype)], dim=1)
+            step = torch.full((2, 1), token)
+            out = {
+                m: m(step, attention_mask=attention_mask, past_key_values=out[m].past_key_values, use_cache=True)
+                for m in (ours, ref)
+            }
+            torch.testing.assert_close(out[ours].logits, out[ref].logits, atol=ATOL, rtol=0)
+    assert len(calls) == 3 * ours.config.num_hidden_layers
 
 
 def test_static_cache_generate_matches_dynamic():
