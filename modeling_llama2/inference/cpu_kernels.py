@@ -18,9 +18,10 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
   across threads and fused with the elementwise work around it, with no library call at all. Alone, the loop
   also wins at 8 rows (last line); inside the decode step, at 8 or 16 rows, it ran 2-8x slower than oneDNN.
 - Otherwise, up to `MAX_KERNEL_ROWS` rows (a decode batch, best-of-N samples, eagerly also one row),
-  `rows_linear.cpp`: a tile of 4 weight rows stays in L1 while every row of x passes over it, so the weight is
+  `rows_linear.cpp`: a tile of weight rows stays in L1 while every row of x passes over it, so the weight is
   read from memory once for all rows, fp32 or int8 (weight-only, converted as read). On a 2-core AVX2 EPYC
-  (2026-12-02, weights cycled from memory), us per call, MKL / oneDNN / `rows_linear`:
+  (2026-12-02, weights cycled from memory, the kernel's first version: 4 x 2 tiles also at one row), us per call,
+  MKL / oneDNN / `rows_linear`:
 
   | weight (out x in) | 1 row | 8 rows | 16 rows |
   | --- | --- | --- | --- |
@@ -29,6 +30,11 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
   | 768 x 2048 | 611 / 623 / 341 | 1032 / 885 / 459 | 998 / 824 / 652 |
   | 32000 x 288 | 5945 / 3228 / 3361 | 10797 / 6562 / 5052 | 12014 / 7454 / 5925 |
 
+  Since then one row reads each weight row as one sequential stream (one 125M step's int8 weights, 95 MiB,
+  cycled: 10.1-10.7 -> 18.7-23.7 GB/s, fp32 unchanged at 22-24) and several rows take 3 x 4 tiles (1.05-1.3x
+  at 8-16 rows). Int8 weights take it at one row too, also inside the compiled step (`quantization.Int8Linear`);
+  fp32 ones keep the fused reduction there (the rows kernel instead: 0.84x [0.73, 0.93] at 15M, 1.03x
+  [0.93, 1.05] at 125M, decode b=1).
   No library kernel does this: aten's weight-only `_weight_int8pack_mm` took 93 ms for the 32000 x 288 head at 8
   rows (9x MKL's fp32), and MKL's packed GEMM (`mkl._mkl_linear`) was no faster than plain MKL.
 - Beyond that, oneDNN's linear for weights of at least `MIN_ONEDNN_ELEMENTS` (it pays about 20 us per call), and
