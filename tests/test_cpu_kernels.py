@@ -81,6 +81,20 @@ def test_a_rows_kernel_that_cannot_be_built_warns_and_leaves_the_library_kernels
             assert torch.equal(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias))
 
 
+def test_the_rows_kernel_build_is_named_for_this_cpu(monkeypatch, tmp_path):
+    names = []
+    monkeypatch.setattr(cpu_kernels, "_rows_kernel", None)
+    monkeypatch.setattr(cpu_kernels.cpp_extension, "load", lambda **kwargs: names.append(kwargs["name"]))
+    monkeypatch.setattr(cpu_kernels.torch.library, "register_fake", lambda name: lambda fn: fn)
+    assert cpu_kernels.rows_kernel()
+    assert names == [f"modeling_llama2_rows_linear_{cpu_kernels.cpu_tag()}"]
+    # another CPU (other instruction-set flags) gets another name, so a shared build cache never mixes them
+    other = tmp_path / "cpuinfo"
+    other.write_text("processor : 0\nflags : fpu sse2 avx2\n")
+    monkeypatch.setattr(cpu_kernels, "CPUINFO", str(other))
+    assert cpu_kernels.cpu_tag() != names[0].rsplit("_", 1)[1]
+
+
 @pytest.mark.parametrize("min_onednn_elements", [0, 2**40])
 @pytest.mark.parametrize("bias", [False, True])
 def test_cpu_linear_matches_nn_linear_eagerly_and_compiled(monkeypatch, min_onednn_elements, bias):

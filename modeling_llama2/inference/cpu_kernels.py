@@ -45,7 +45,9 @@ fbgemm's prepacked weight (a TorchScript object) travels into its op as an opaqu
 behind them are reached through `torch_internals`.
 """
 
+import hashlib
 import os
+import platform
 import warnings
 
 import torch
@@ -58,7 +60,21 @@ from .. import torch_internals
 MIN_ONEDNN_ELEMENTS = 2**19  # 768 x 768 and larger: below this oneDNN's per-call cost outweighs its faster GEMV
 MAX_REDUCTION_ROWS = 1
 MAX_KERNEL_ROWS = 16  # `rows_linear` up to here; beyond, the weight is re-read often enough for BLAS to win
+CPUINFO = "/proc/cpuinfo"  # where Linux lists the CPU's flags, for `cpu_tag`
 _rows_kernel: bool | None = None  # whether `rows_linear.cpp` is built and loaded (None: not tried yet)
+
+
+def cpu_tag() -> str:
+    """A short hash of this CPU's architecture and instruction-set flags. The rows kernel is built with
+    `-march=native`, and torch caches a build by its name: with the tag in the name, a `TORCH_EXTENSIONS_DIR` shared
+    by different machines (a cluster's home directory) never loads a build whose instructions this CPU lacks."""
+    flags = ""
+    try:
+        with open(CPUINFO) as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:  # not Linux: the architecture alone
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
 
 
 def rows_kernel() -> bool:
@@ -69,7 +85,7 @@ def rows_kernel() -> bool:
     if _rows_kernel is None and not torch.compiler.is_compiling():
         try:
             cpp_extension.load(
-                name="modeling_llama2_rows_linear",
+                name=f"modeling_llama2_rows_linear_{cpu_tag()}",
                 sources=[os.path.join(os.path.dirname(__file__), "rows_linear.cpp")],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],  # torch's own libgomp.so.1, already loaded: one thread pool
