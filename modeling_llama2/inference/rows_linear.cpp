@@ -58,11 +58,18 @@ inline vfloat hsum8(const vfloat* v) {
 // A weight rows (starting at w) times R rows of x, into y[r * out + a]. A x R accumulators fit the 16 vector
 // registers of AVX2 with the A weight vectors they share; their sums leave eight at a time (hsum8) when `in` has
 // no tail.
+// `next`, where given, is the weight tile after this one, prefetched a line for every two vectors read here: the
+// fp32 weights of a decode step, cycled from memory at 8 rows, read 1.26-1.28x faster with it, and fp32 decode b=8
+// ran 1.27x [0.93, 1.33] (15M) and 1.23x [1.19, 1.28] (125M); int8 tiles are converted in one sequential pass,
+// which gained nothing from it.
 template <int A, int R>
-inline void tile(const float* x, int64_t in, const float* w, const float* scale, float* y, int64_t out) {
+inline void tile(const float* x, int64_t in, const float* w, const float* scale, float* y, int64_t out,
+                 const float* next = nullptr) {
   vfloat acc[A * R] = {};
   int64_t i = 0;
   for (; i + kLanes <= in; i += kLanes) {
+    if (next && i % 16 == 0)
+      for (int a = 0; a < A; ++a) __builtin_prefetch(next + a * in + i);
     vfloat wv[A];
     for (int a = 0; a < A; ++a) wv[a] = load(w + a * in + i);
     for (int r = 0; r < R; ++r) {
@@ -92,14 +99,16 @@ inline void tile(const float* x, int64_t in, const float* w, const float* scale,
 constexpr int64_t kTile = 3;
 constexpr int kTileRows = 4;
 
-// A weight rows times every row of x: the weight tile is read from memory once, then from L1.
+// A weight rows times every row of x: the weight tile is read from memory once, then from L1; the first pass
+// prefetches `next`.
 template <int A>
 inline void all_rows(const float* x, int64_t rows, int64_t in, const float* w, const float* scale, float* y,
-                     int64_t out) {
+                     int64_t out, const float* next = nullptr) {
   int64_t r = 0;
-  for (; r + kTileRows <= rows; r += kTileRows) tile<A, kTileRows>(x + r * in, in, w, scale, y + r * out, out);
-  for (; r + 2 <= rows; r += 2) tile<A, 2>(x + r * in, in, w, scale, y + r * out, out);
-  if (r < rows) tile<A, 1>(x + r * in, in, w, scale, y + r * out, out);
+  for (; r + kTileRows <= rows; r += kTileRows, next = nullptr)
+    tile<A, kTileRows>(x + r * in, in, w, scale, y + r * out, out, next);
+  for (; r + 2 <= rows; r += 2, next = nullptr) tile<A, 2>(x + r * in, in, w, scale, y + r * out, out, next);
+  if (r < rows) tile<A, 1>(x + r * in, in, w, scale, y + r * out, out, next);
 }
 
 // Weight rows o..o+n as floats: an fp32 weight in place; an int8 one converted into `buffer` once per tile, which
@@ -172,7 +181,9 @@ void linear(const float* x, int64_t rows, int64_t in, const W* w, const float* s
       const float* t = tile_rows(w, o, n, in, buffer);
       const float* s = scale ? scale + o : nullptr;
       if (n == kTile) {
-        all_rows<kTile>(x, rows, in, t, s, y + o, out);
+        const float* next = nullptr;
+        if constexpr (std::is_same_v<W, float>) next = o + 2 * kTile <= stop ? w + (o + kTile) * in : nullptr;
+        all_rows<kTile>(x, rows, in, t, s, y + o, out, next);
       } else {
         for (int64_t a = 0; a < n; ++a) all_rows<1>(x, rows, in, t + a * in, s ? s + a : nullptr, y + o + a, out);
       }
