@@ -124,12 +124,12 @@ inline const float* tile_rows(const int8_t* w, int64_t o, int64_t n, int64_t in,
 
 // Eight weights as floats. GCC's conversion of an int8 vector type is scalar; AVX2 sign-extends and converts in
 // two instructions.
-typedef int8_t vint8 __attribute__((vector_size(kLanes)));
 inline vfloat load_weight(const float* p) { return load(p); }
 inline vfloat load_weight(const int8_t* p) {
 #if defined(__AVX2__)
   return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
+  typedef int8_t vint8 __attribute__((vector_size(kLanes)));
   vint8 v;
   std::memcpy(&v, p, sizeof(v));
   return __builtin_convertvector(v, vfloat);
