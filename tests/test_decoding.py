@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.inference.decoding import decode, generate, prefill, sample_n, select_next
+from modeling_llama2.inference.decoding import (
+    SAMPLE_BLOCK,
+    decode,
+    generate,
+    inverse_cdf_sample,
+    prefill,
+    sample_n,
+    select_next,
+)
 
 from .alignment_helpers import prompts, tiny_config
 
@@ -112,6 +120,38 @@ def test_sampled_tokens_follow_the_softmax():
     torch.testing.assert_close(counts, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
     counts = torch.bincount(select_next(logits, temperature=0.5), minlength=4).float() / 20000
     torch.testing.assert_close(counts, torch.softmax(logits[0] / 0.5, -1), atol=0.015, rtol=0)
+
+
+def test_a_sample_at_the_total_takes_a_possible_token(monkeypatch):
+    # u at the very end of the distribution, where a block's running sum can round below its end (probabilities
+    # of widely different sizes): every row still draws a token of nonzero probability, never the zeros after it
+    probs = torch.randn(2000, SAMPLE_BLOCK, generator=torch.Generator().manual_seed(0)).mul(8).exp()
+    probs[:, -7:] = 0
+    monkeypatch.setattr(torch, "rand", lambda *size, **kwargs: torch.zeros(size, **kwargs))
+    tokens = inverse_cdf_sample(probs)
+    assert tokens.lt(SAMPLE_BLOCK - 7).all() and probs.gather(1, tokens[:, None]).gt(0).all()
+
+
+def test_samples_over_many_blocks_of_the_vocabulary_follow_the_softmax():
+    # likely tokens at both ends of a block, across blocks and at the vocabulary's end; all others impossible
+    likely = torch.tensor([5, 127, 128, 400, 999])
+    logits = torch.full((20000, 1000), -float("inf"))
+    logits[:, likely] = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5])
+    torch.manual_seed(0)
+    tokens = select_next(logits, temperature=1.0)
+    assert set(tokens.tolist()) <= set(likely.tolist())
+    counts = torch.bincount(tokens, minlength=1000)[likely].float() / 20000
+    torch.testing.assert_close(counts, torch.softmax(logits[0, likely], -1), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("uniform", [0.0, 1.0 - 2.0**-53])  # the ends of torch.rand's range
+def test_sampling_never_takes_a_token_of_probability_zero(monkeypatch, uniform):
+    # zero-probability tokens at both ends of the vocabulary and between the two likely ones: whatever the uniform
+    # number drawn, the sample is the token whose interval of the cumulative distribution holds it
+    logits = torch.tensor([[-float("inf"), -float("inf"), 0.1, -float("inf"), 0.0, -float("inf")]])
+    monkeypatch.setattr(torch, "rand", lambda *size, **kwargs: torch.full(size, uniform, **kwargs))
+    assert select_next(logits, temperature=1.0).tolist() == [4 if uniform == 0.0 else 2]
+    assert select_next(logits, temperature=1.0, top_p=0.4).tolist() == [2]
 
 
 def test_top_p_samples_only_the_nucleus_in_proportion():
