@@ -8,6 +8,7 @@ imports relatively (`configuration_llama2.py`, `loss_llama2.py`) are copied besi
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -197,10 +198,44 @@ def one_query_sdpa_attention(
     return attn_output.reshape(batch, 1, heads, head_dim), None
 
 
+def shared_prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    *,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Softmax attention of every row over one prompt shared by all rows, then over its own keys and values (the
+    cache's slots, under `attention_mask`). `prefix` is the prompt's keys and values, (1, kv, slots, d), and a
+    mask of its filled slots, (slots,): one copy read once per step for all rows, where a cache holding the prompt
+    in every row reads it once per row (n samples of one prompt, `decoding.sample_n`)."""
+    prefix_keys, prefix_values, prefix_mask = prefix
+    batch, heads, length, head_dim = query.shape
+    grouped = query.view(batch, key.shape[1], heads // key.shape[1], length, head_dim)  # (b, kv, group, l, d)
+    shared = torch.einsum("bkgld,kpd->bkglp", grouped, prefix_keys[0]) * scaling
+    shared = shared.masked_fill(~prefix_mask, float("-inf"))
+    own = torch.einsum("bkgld,bksd->bkgls", grouped, key) * scaling
+    if attention_mask is not None:  # (b, 1, l, slots): the same for every head of a group
+        mask = attention_mask[:, :, None, :, : key.shape[-2]]
+        own = own.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else own + mask
+    weights = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    shared_weights, own_weights = weights.split([prefix_keys.shape[-2], key.shape[-2]], dim=-1)
+    attn_output = torch.einsum("bkglp,kpd->bkgld", shared_weights, prefix_values[0])
+    attn_output = attn_output + torch.einsum("bkgls,bksd->bkgld", own_weights, value)
+    return attn_output.reshape(batch, heads, length, head_dim).transpose(1, 2), None
+
+
 class Llama2Attention(nn.Module):
     """Grouped-query self-attention: `num_attention_heads` query heads share `num_key_value_heads` key/value
     heads. The kernel (eager, sdpa, flash, flex, ...) comes from transformers' attention registry; one-token steps
-    under "sdpa" with grouped heads take `one_query_sdpa_attention`."""
+    under "sdpa" with grouped heads take `one_query_sdpa_attention`, and a cache layer that holds one prompt for all
+    rows (a `shared_prefix` attribute: its keys, values and filled slots) `shared_prefix_attention`."""
 
     def __init__(self, config: Llama2Config, layer_idx: int) -> None:
         super().__init__()
@@ -234,13 +269,17 @@ class Llama2Attention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
+        prefix = None
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            prefix = getattr(cache.layers[self.layer_idx], "shared_prefix", None)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if (
+        if prefix is not None:
+            attention_interface = partial(shared_prefix_attention, prefix=prefix)
+        elif (
             self.config._attn_implementation == "sdpa"
             and self.num_key_value_groups > 1
             and query_states.shape[2] == 1

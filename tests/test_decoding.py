@@ -6,13 +6,15 @@ compile it without inductor's code generation (`cheap_compile`) or run it eagerl
 import pytest
 import torch
 
-from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2 import Llama2ForCausalLM, modeling_llama2
 from modeling_llama2.inference.decoding import (
     SAMPLE_BLOCK,
+    SharedPrefixCache,
     decode,
     generate,
     inverse_cdf_sample,
     prefill,
+    run_prompt,
     sample_n,
     select_next,
 )
@@ -84,6 +86,49 @@ def test_on_cpu_decoding_stops_at_the_step_that_finishes_the_last_row(model):
     finally:
         hook.remove()
     assert out.shape == (1, 6 + 3) and len(calls) == 1 + 2  # the prefill and two steps, not 39
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])  # multi-query, grouped, multi-head
+def test_greedy_samples_of_one_prompt_match_generate_on_every_row(kv_heads, attn_implementation, monkeypatch):
+    # the prompt's keys and values held once (in more slots than it fills) for all rows: the tokens of `generate`
+    # on n copies of the prompt
+    torch.manual_seed(0)
+    config = tiny_config(num_key_value_heads=kv_heads)
+    config._attn_implementation = attn_implementation
+    model = Llama2ForCausalLM(config).eval()
+    ids = prompts(1, 9, seed=3)
+    seen, original = [], modeling_llama2.shared_prefix_attention
+    monkeypatch.setattr(modeling_llama2, "shared_prefix_attention", lambda *a, **k: seen.append(1) or original(*a, **k))
+    out = sample_n(model, ids, n=3, max_new_tokens=14, temperature=0.0, max_cache_len=40, compile=False)
+    assert len(seen) == 13 * config.num_hidden_layers  # every decode step's attention read the shared prompt
+    assert torch.equal(out, reference(model, ids.expand(3, -1), 14))
+
+
+def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model, cheap_compile):
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for seed, length in [(0, 9), (1, 13), (2, 6)]:  # one `max_cache_len`: one graph
+        ids = prompts(1, length, seed)
+        out = sample_n(model, ids, n=3, max_new_tokens=10, temperature=0.0, max_cache_len=32)
+        assert torch.equal(out, reference(model, ids.expand(3, -1), 10))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_step_over_a_shared_prompt_equals_a_step_over_its_copies(model):
+    ids = prompts(1, 11)
+    logits, prompt_cache = run_prompt(model, ids)
+    shared = SharedPrefixCache(prompt_cache, config=model.config, batch_size=4, max_new_tokens=5, prefix_slots=16)
+    _, copies = prefill(model, ids, max_cache_len=16, batch_size=4)
+    tokens = torch.tensor([[3], [5], [7], [3]])
+    with torch.no_grad():
+        for step in range(3):  # each row its own continuation, attending over its earlier own tokens
+            positions = torch.full_like(tokens, 11 + step)
+            expected = model(input_ids=tokens, cache=copies, position_ids=positions).logits
+            got = model(input_ids=tokens, cache=shared, position_ids=positions).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            tokens = tokens + 1
 
 
 def test_shared_prefix_cache_equals_prefilling_every_row(model):

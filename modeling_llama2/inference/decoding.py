@@ -155,6 +155,24 @@ def padded_step_inputs(attention_mask: torch.Tensor, cache: StaticCache) -> tupl
     return positions, slots_mask
 
 
+def run_prompt(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, DynamicCache]:
+    """The prompt's last logits and its keys and values, in a `DynamicCache` (no attention over empty slots, no
+    recompile per prompt length)."""
+    prompt_cache = DynamicCache(config=model.config)
+    position_ids = None if attention_mask is None else padded_positions(attention_mask)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=prompt_cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    return logits, prompt_cache
+
+
 @torch.no_grad()
 def prefill(
     model: PreTrainedModel,
@@ -167,16 +185,7 @@ def prefill(
     keys and values, broadcast to `batch_size` rows (default: the prompt's batch). Left-padded prompts pass their
     `attention_mask`."""
     batch_size = batch_size or input_ids.shape[0]
-    prompt_cache = DynamicCache(config=model.config)
-    position_ids = None if attention_mask is None else padded_positions(attention_mask)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        cache=prompt_cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
+    logits, prompt_cache = run_prompt(model, input_ids, attention_mask)
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     first = prompt_cache.layers[0].keys
     cache.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
@@ -186,6 +195,26 @@ def prefill(
         static.values[:, :, :length] = dynamic.values
         static.cumulative_length.fill_(length)
     return logits, cache
+
+
+class SharedPrefixCache(StaticCache):
+    """A `StaticCache` for `batch_size` continuations of one prompt: each layer keeps the prompt's keys and values
+    once, as its `shared_prefix` (keys, values, mask of the filled slots), which `shared_prefix_attention` reads
+    once a step for all rows, and the rows' own tokens in `max_new_tokens` static slots. The prompt takes
+    `prefix_slots` slots (its length or more, the rest masked), so that prompts of different lengths share one
+    compiled step."""
+
+    def __init__(
+        self, prompt_cache: DynamicCache, *, config, batch_size: int, max_new_tokens: int, prefix_slots: int
+    ) -> None:
+        super().__init__(config=config, max_cache_len=max(max_new_tokens, 1))
+        first = prompt_cache.layers[0].keys
+        self.prompt_length = first.shape[-2]
+        self.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
+        filled = torch.arange(prefix_slots, device=first.device) < self.prompt_length
+        padding = (0, 0, 0, prefix_slots - self.prompt_length)
+        for layer, prompt in zip(self.layers, prompt_cache.layers, strict=True):
+            layer.shared_prefix = (F.pad(prompt.keys, padding), F.pad(prompt.values, padding), filled)
 
 
 @torch.no_grad()
@@ -210,16 +239,19 @@ def decode(
         raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
     check_sampling(temperature, top_p)
     filled, slots = int(cache.get_seq_length()), cache.get_max_length()
+    prompt = cache.prompt_length if isinstance(cache, SharedPrefixCache) else 0  # tokens outside the slots
     if filled + max_new_tokens > slots:
         raise ValueError(
             f"The cache has {slots - filled} free slots after its {filled} prompt tokens, too few for "
             f"{max_new_tokens} new tokens: prefill with a `max_cache_len` of at least {filled + max_new_tokens}."
         )
-    check_generation_length(model.config, filled, max_new_tokens)
+    check_generation_length(model.config, prompt + filled, max_new_tokens)
     step = _compiled_step if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     positions, slots_mask = (None, None) if attention_mask is None else padded_step_inputs(attention_mask, cache)
+    if prompt:  # the slots count from 0, the positions from the prompt's end
+        positions = torch.full_like(tokens, prompt + filled)[:, None]
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     with torch_internals.recompile_limit(MAX_COMPILED_STEPS):
@@ -274,6 +306,10 @@ def generate(
     return torch.cat([input_ids, new], dim=1)
 
 
+# The attention kernels whose masks `shared_prefix_attention` takes (tensors; flex attention's are block masks).
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+
+
 @torch.no_grad()
 def sample_n(
     model: PreTrainedModel,
@@ -288,8 +324,10 @@ def sample_n(
     compile: bool = True,
     top_p: float = 1.0,
 ) -> torch.Tensor:
-    """`n` continuations of one prompt (1, length), as (n, length + new): the prompt is prefilled once and its
-    keys and values are copied to the `n` rows of the cache."""
+    """`n` continuations of one prompt (1, length), as (n, length + new): the prompt is prefilled once, and its
+    keys and values are kept once for all rows (`SharedPrefixCache`) under "sdpa" and "eager" attention, copied to
+    every row of a `StaticCache` under other kernels. The compiled step is specialized to `max_cache_len` and
+    `max_new_tokens`: keep both for all calls to compile once."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"`sample_n` takes one prompt, got a batch of {input_ids.shape[0]}.")
     if n < 1:
@@ -299,7 +337,14 @@ def sample_n(
         max_cache_len=max_cache_len,
     )  # fmt: skip
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
-    logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
+    if model.config._attn_implementation in SHARED_PREFIX_ATTENTION:
+        logits, prompt_cache = run_prompt(model, input_ids)
+        cache = SharedPrefixCache(
+            prompt_cache, config=model.config, batch_size=n, max_new_tokens=max_new_tokens,
+            prefix_slots=max_cache_len - max_new_tokens,
+        )  # fmt: skip
+    else:
+        logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
     new = decode(
         model, logits.expand(n, -1), cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile,
