@@ -210,23 +210,28 @@ def shared_prefix_attention(
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Softmax attention of every row over one prompt shared by all rows, then over its own keys and values (the
-    cache's slots, under `attention_mask`). `prefix` is the prompt's keys and values, (1, kv, slots, d), and a
-    mask of its filled slots, (slots,): one copy read once per step for all rows, where a cache holding the prompt
-    in every row reads it once per row (n samples of one prompt, `decoding.sample_n`)."""
+    """Softmax attention of each row over its prompt, shared by the rows that continue it, then over its own keys
+    and values (the cache's slots, under `attention_mask`). `prefix` is the prompts' keys and values, (prompts,
+    kv, slots, d), and a mask of their filled slots, (prompts, slots); rows `i * n` to `i * n + n - 1` continue
+    prompt `i`. Each prompt is read once a step for its n rows, where a cache holding it in every row reads it n
+    times (n samples of each prompt, `decoding.sample_n`)."""
     prefix_keys, prefix_values, prefix_mask = prefix
     batch, heads, length, head_dim = query.shape
-    grouped = query.view(batch, key.shape[1], heads // key.shape[1], length, head_dim)  # (b, kv, group, l, d)
-    shared = torch.einsum("bkgld,kpd->bkglp", grouped, prefix_keys[0]) * scaling
-    shared = shared.masked_fill(~prefix_mask, float("-inf"))
+    prompts, kv_heads = prefix_keys.shape[:2]
+    grouped = query.view(prompts, batch // prompts, kv_heads, heads // kv_heads, length, head_dim)
+    shared = torch.einsum("pnkgld,pksd->pnkgls", grouped, prefix_keys) * scaling
+    shared = shared.masked_fill(~prefix_mask[:, None, None, None, None, :], float("-inf"))
+    grouped = grouped.reshape(batch, kv_heads, heads // kv_heads, length, head_dim)
     own = torch.einsum("bkgld,bksd->bkgls", grouped, key) * scaling
     if attention_mask is not None:  # (b, 1, l, slots): the same for every head of a group
         mask = attention_mask[:, :, None, :, : key.shape[-2]]
         own = own.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else own + mask
-    weights = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+    scores = torch.cat([shared.reshape(batch, *own.shape[1:-1], -1), own], dim=-1)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     shared_weights, own_weights = weights.split([prefix_keys.shape[-2], key.shape[-2]], dim=-1)
-    attn_output = torch.einsum("bkglp,kpd->bkgld", shared_weights, prefix_values[0])
+    shared_weights = shared_weights.reshape(prompts, batch // prompts, *shared_weights.shape[1:])
+    attn_output = torch.einsum("pnkgls,pksd->pnkgld", shared_weights, prefix_values).reshape(grouped.shape)
     attn_output = attn_output + torch.einsum("bkgls,bksd->bkgld", own_weights, value)
     return attn_output.reshape(batch, heads, length, head_dim).transpose(1, 2), None
 

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from modeling_llama2 import Llama2ForCausalLM, modeling_llama2
+from modeling_llama2.inference import decoding
 from modeling_llama2.inference.decoding import (
     SAMPLE_BLOCK,
     SharedPrefixCache,
     decode,
     generate,
     inverse_cdf_sample,
+    padded_step_inputs,
     prefill,
     run_prompt,
     sample_n,
@@ -116,19 +118,23 @@ def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model,
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_a_step_over_a_shared_prompt_equals_a_step_over_its_copies(model):
-    ids = prompts(1, 11)
-    logits, prompt_cache = run_prompt(model, ids)
-    shared = SharedPrefixCache(prompt_cache, config=model.config, batch_size=4, max_new_tokens=5, prefix_slots=16)
-    _, copies = prefill(model, ids, max_cache_len=16, batch_size=4)
-    tokens = torch.tensor([[3], [5], [7], [3]])
+def test_a_step_over_shared_prompts_equals_a_step_over_their_copies(model):
+    ids, mask = prompts(2, 11), torch.ones(2, 11, dtype=torch.long)
+    ids[1, :3], mask[1, :3] = 0, 0  # a left-padded second prompt
+    logits, prompt_cache = run_prompt(model, ids, mask)
+    shared = SharedPrefixCache(
+        prompt_cache, config=model.config, samples=3, max_new_tokens=5, prefix_slots=16, attention_mask=mask
+    )
+    _, copies = prefill(model, ids.repeat_interleave(3, dim=0), 16, attention_mask=mask.repeat_interleave(3, dim=0))
+    positions, slots_mask = padded_step_inputs(mask.repeat_interleave(3, dim=0), copies)
+    assert torch.equal(shared.next_positions, positions)
+    tokens = torch.tensor([[3], [5], [7], [3], [9], [2]])
     with torch.no_grad():
-        for step in range(3):  # each row its own continuation, attending over its earlier own tokens
-            positions = torch.full_like(tokens, 11 + step)
-            expected = model(input_ids=tokens, cache=copies, position_ids=positions).logits
+        for _ in range(3):  # each row its own continuation, attending over its earlier own tokens
+            expected = model(input_ids=tokens, cache=copies, position_ids=positions, attention_mask=slots_mask).logits
             got = model(input_ids=tokens, cache=shared, position_ids=positions).logits
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-            tokens = tokens + 1
+            tokens, positions = tokens + 1, positions + 1
 
 
 def test_shared_prefix_cache_equals_prefilling_every_row(model):
@@ -214,9 +220,25 @@ def test_generate_with_a_tiny_top_p_keeps_only_the_most_likely_token(model):
     assert torch.equal(nucleus, reference(model, ids, 12))
 
 
-def test_sample_n_refuses_a_batch(model):
-    with pytest.raises(ValueError, match="one prompt"):
-        sample_n(model, prompts(2, 4), n=3, max_new_tokens=2, compile=False)
+@pytest.mark.parametrize("shared", [True, False])  # each prompt kept once, or copied to its rows (other kernels)
+def test_samples_of_left_padded_prompts_match_generate_on_their_rows(model, shared, monkeypatch):
+    ids = prompts(3, 9, seed=6)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # prompts of 9, 5 and 7 tokens
+    ids[2, :2], mask[2, :2] = 0, 0
+    if not shared:
+        monkeypatch.setattr(decoding, "SHARED_PREFIX_ATTENTION", ())
+    out = sample_n(model, ids, n=2, max_new_tokens=12, temperature=0.0, attention_mask=mask, compile=False)
+    rows, row_mask = ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
+    assert torch.equal(out, reference(model, rows, 12, attention_mask=row_mask))
+
+
+def test_sample_n_refuses_a_mask_of_another_shape_or_an_empty_prompt(model):
+    ids = prompts(2, 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample_n(model, ids, n=3, max_new_tokens=2, attention_mask=torch.ones(2, 5), compile=False)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample_n(model, ids, n=3, max_new_tokens=2, attention_mask=torch.tensor([[1] * 4, [0] * 4]), compile=False)
 
 
 def test_more_compiled_variants_than_dynamos_default_limit(model, cheap_compile):

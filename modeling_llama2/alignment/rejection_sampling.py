@@ -41,7 +41,7 @@ class SamplingArguments:
         default=1,
         metadata={
             "help": "Prompts sampled together, as one batch of prompts x N rows: faster where N rows leave the "
-            "device idle (a small model), at that many times the cache's memory."
+            "device idle (a small model); each prompt is kept once, its N rows' own tokens apart."
         },
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily."})
@@ -111,11 +111,11 @@ def sample_prompts(
     pad_token_id: int = 0,
     compile: bool = True,
 ) -> list[list[list[int]]]:
-    """Token ids of `n` responses to each prompt (cut before the EOS), per prompt. One prompt is prefilled once for
-    all `n` rows (`decoding.sample_n`); several are left-padded and decoded as one batch of `len(prompts) * n` rows,
-    which on a small model costs little more per step than `n` rows do. Every token comes from one static-cache step
-    (compiled unless `compile` is false). Decoding stops early on the first of several EOS ids; the others are cut
-    here."""
+    """Token ids of `n` responses to each prompt (cut before the EOS), per prompt. The prompts are left-padded and
+    prefilled once, each kept once for its `n` rows (`decoding.sample_n`), and decoded as one batch of
+    `len(prompts) * n` rows, which on a small model costs little more per step than `n` rows do. Every token comes
+    from one static-cache step (compiled unless `compile` is false). Decoding stops early on the first of several
+    EOS ids; the others are cut here."""
     if not prompts or not all(prompts):
         raise ValueError("A prompt needs at least one token (BOS).")
     eos = model.generation_config.eos_token_id
@@ -128,13 +128,9 @@ def sample_prompts(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos[0],
         pad_token_id=pad_token_id, max_cache_len=length, compile=compile,
     )  # fmt: skip
-    if len(prompts) == 1:
-        samples = decoding.sample_n(model, torch.tensor(prompts, device=model.device), n=n, **sampling)
-    else:
-        padded = torch.tensor([[pad_token_id] * (longest - len(p)) + p for p in prompts], device=model.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-        rows, mask = padded.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-        samples = decoding.generate(model, rows, attention_mask=mask, **sampling)
+    padded = torch.tensor([[pad_token_id] * (longest - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    samples = decoding.sample_n(model, padded, n=n, attention_mask=mask, **sampling)
     responses = []
     for row in samples[:, longest:].tolist():
         end = next((i for i, token in enumerate(row) if token in eos), len(row))

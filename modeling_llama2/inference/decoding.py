@@ -198,21 +198,34 @@ def prefill(
 
 
 class SharedPrefixCache(StaticCache):
-    """A `StaticCache` for `batch_size` continuations of one prompt: each layer keeps the prompt's keys and values
-    once, as its `shared_prefix` (keys, values, mask of the filled slots), which `shared_prefix_attention` reads
-    once a step for all rows, and the rows' own tokens in `max_new_tokens` static slots. The prompt takes
-    `prefix_slots` slots (its length or more, the rest masked), so that prompts of different lengths share one
+    """A `StaticCache` for `samples` continuations of each of a batch of prompts (rows `i * samples + j`: sample
+    `j` of prompt `i`): each layer keeps every prompt's keys and values once, as its `shared_prefix` (keys, values,
+    mask of the filled slots), which `shared_prefix_attention` reads once a step for all rows, and the rows' own
+    tokens in `max_new_tokens` static slots. The prompts take `prefix_slots` slots (their length or more, the rest
+    masked, as is the left padding under `attention_mask`), so that prompts of different lengths share one
     compiled step."""
 
     def __init__(
-        self, prompt_cache: DynamicCache, *, config, batch_size: int, max_new_tokens: int, prefix_slots: int
+        self,
+        prompt_cache: DynamicCache,
+        *,
+        config,
+        samples: int,
+        max_new_tokens: int,
+        prefix_slots: int,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__(config=config, max_cache_len=max(max_new_tokens, 1))
         first = prompt_cache.layers[0].keys
-        self.prompt_length = first.shape[-2]
-        self.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
-        filled = torch.arange(prefix_slots, device=first.device) < self.prompt_length
-        padding = (0, 0, 0, prefix_slots - self.prompt_length)
+        prompts, length = first.shape[0], first.shape[-2]
+        self.prompt_length = length
+        self.early_initialization(prompts * samples, first.shape[1], first.shape[-1], first.dtype, first.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(prompts, length, dtype=torch.bool, device=first.device)
+        filled = F.pad(attention_mask.bool(), (0, prefix_slots - length))  # (prompts, slots)
+        # Each row's next position: its prompt's length without the padding.
+        self.next_positions = attention_mask.sum(-1, keepdim=True).repeat_interleave(samples, dim=0)
+        padding = (0, 0, 0, prefix_slots - length)
         for layer, prompt in zip(self.layers, prompt_cache.layers, strict=True):
             layer.shared_prefix = (F.pad(prompt.keys, padding), F.pad(prompt.values, padding), filled)
 
@@ -239,7 +252,8 @@ def decode(
         raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
     check_sampling(temperature, top_p)
     filled, slots = int(cache.get_seq_length()), cache.get_max_length()
-    prompt = cache.prompt_length if isinstance(cache, SharedPrefixCache) else 0  # tokens outside the slots
+    shared = isinstance(cache, SharedPrefixCache)
+    prompt = cache.prompt_length if shared else 0  # tokens outside the slots
     if filled + max_new_tokens > slots:
         raise ValueError(
             f"The cache has {slots - filled} free slots after its {filled} prompt tokens, too few for "
@@ -250,8 +264,8 @@ def decode(
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     positions, slots_mask = (None, None) if attention_mask is None else padded_step_inputs(attention_mask, cache)
-    if prompt:  # the slots count from 0, the positions from the prompt's end
-        positions = torch.full_like(tokens, prompt + filled)[:, None]
+    if shared:  # the slots count from 0, the positions from each prompt's end
+        positions = cache.next_positions + filled
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     with torch_internals.recompile_limit(MAX_COMPILED_STEPS):
@@ -323,30 +337,43 @@ def sample_n(
     max_cache_len: int | None = None,
     compile: bool = True,
     top_p: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`n` continuations of one prompt (1, length), as (n, length + new): the prompt is prefilled once, and its
-    keys and values are kept once for all rows (`SharedPrefixCache`) under "sdpa" and "eager" attention, copied to
-    every row of a `StaticCache` under other kernels. The compiled step is specialized to `max_cache_len` and
-    `max_new_tokens`: keep both for all calls to compile once."""
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"`sample_n` takes one prompt, got a batch of {input_ids.shape[0]}.")
+    """`n` continuations of each prompt (prompts, length; left-padded under `attention_mask` where their lengths
+    differ), as (prompts * n, length + new), row `i * n + j` sample `j` of prompt `i`. Each prompt is prefilled
+    once, and its keys and values are kept once for its `n` rows (`SharedPrefixCache`) under "sdpa" and "eager"
+    attention, copied to every row of a `StaticCache` under other kernels. The compiled step is specialized to
+    the number of rows, `max_cache_len` and `max_new_tokens`: keep them for all calls to compile once."""
     if n < 1:
         raise ValueError(f"`n` must be at least 1 sample, got {n}.")
+    if attention_mask is not None and (
+        attention_mask.shape != input_ids.shape or not bool(attention_mask.sum(-1).gt(0).all())
+    ):
+        raise ValueError(
+            f"`attention_mask` must have the prompts' shape {tuple(input_ids.shape)} and mark at least one token "
+            f"of each, got shape {tuple(attention_mask.shape)}."
+        )
     check_request(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         max_cache_len=max_cache_len,
     )  # fmt: skip
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
+    rows = input_ids.repeat_interleave(n, dim=0)
+    row_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
     if model.config._attn_implementation in SHARED_PREFIX_ATTENTION:
-        logits, prompt_cache = run_prompt(model, input_ids)
+        logits, prompt_cache = run_prompt(model, input_ids, attention_mask)
         cache = SharedPrefixCache(
-            prompt_cache, config=model.config, batch_size=n, max_new_tokens=max_new_tokens,
-            prefix_slots=max_cache_len - max_new_tokens,
+            prompt_cache, config=model.config, samples=n, max_new_tokens=max_new_tokens,
+            prefix_slots=max_cache_len - max_new_tokens, attention_mask=attention_mask,
         )  # fmt: skip
+        logits, row_mask = logits.repeat_interleave(n, dim=0), None  # the cache masks the padding itself
+    elif input_ids.shape[0] == 1:
+        logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n, attention_mask=attention_mask)
+        logits = logits.expand(n, -1)
     else:
-        logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n)
+        logits, cache = prefill(model, rows, max_cache_len, attention_mask=row_mask)
     new = decode(
-        model, logits.expand(n, -1), cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile,
+        model, logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile, attention_mask=row_mask,
     )  # fmt: skip
-    return torch.cat([input_ids.expand(n, -1), new], dim=1)
+    return torch.cat([rows, new], dim=1)
