@@ -239,8 +239,8 @@ def shared_prefix_attention(
 class Llama2Attention(nn.Module):
     """Grouped-query self-attention: `num_attention_heads` query heads share `num_key_value_heads` key/value
     heads. The kernel (eager, sdpa, flash, flex, ...) comes from transformers' attention registry; one-token steps
-    under "sdpa" with grouped heads take `one_query_sdpa_attention`, and a cache layer that holds one prompt for all
-    rows (a `shared_prefix` attribute: its keys, values and filled slots) `shared_prefix_attention`."""
+    under "sdpa" with grouped heads take `one_query_sdpa_attention`, and a cache layer that holds prompts shared by
+    several rows each (a `shared_prefix` attribute: their keys, values and filled slots) `shared_prefix_attention`."""
 
     def __init__(self, config: Llama2Config, layer_idx: int) -> None:
         super().__init__()

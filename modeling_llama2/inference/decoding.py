@@ -7,8 +7,8 @@ as the matrix products. Here the prompt is prefilled eagerly into a `DynamicCach
 empty slots, no recompile per prompt length), its keys and values are copied into a `StaticCache`, and the
 decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph of fixed shapes.
 
-`sample_n` prefills the prompt once and broadcasts its cache rows to the N samples, instead of prefilling N
-copies of the same prompt as `generate(num_return_sequences=N)` does.
+`sample_n` prefills each prompt once and keeps its keys and values once for its N samples (`SharedPrefixCache`),
+where `generate(num_return_sequences=N)` prefills N copies of the prompt and every step reads all N.
 """
 
 import torch
