@@ -114,6 +114,14 @@ def opaque_base() -> type:
     return OpaqueBase or object
 
 
+def holds_opaque(module: torch.nn.Module) -> bool:
+    """Whether a submodule of `module` holds an opaque object as an attribute (which inductor's C++ wrapper cannot
+    pass to an op: "arg type PyObject is not yet supported")."""
+    if OpaqueBase is None:
+        return False
+    return any(isinstance(value, OpaqueBase) for m in module.modules() for value in vars(m).values())
+
+
 def register_opaque(cls: type) -> type:
     """Class decorator: register `cls` as an opaque reference type where this torch has opaque objects."""
     if register_opaque_type is not None:

@@ -46,6 +46,7 @@ def cheap_compile(monkeypatch):
     graph). For tests of the decode loop's logic; the tests of the kernels themselves keep inductor."""
     step = torch.compile(decoding.decode_step, backend="eager", fullgraph=True, dynamic=False)
     monkeypatch.setattr(decoding, "compiled_decode_step", step)
+    monkeypatch.setattr(decoding, "cpu_compiled_decode_step", step)
 
 
 # The first lines of a script run in a fresh process that must not see this package (remote code, stock loading):

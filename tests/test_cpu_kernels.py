@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.inference import cpu_kernels
+from modeling_llama2.inference import cpu_kernels, decoding
 from modeling_llama2.inference.cpu_kernels import (
     CPULinear,
     onednn_linear,
@@ -183,3 +183,6 @@ def test_int8_activations_compiled_step_calls_fbgemm_for_several_rows_and_matche
     assert all(m._packed is not None for m in quantized.modules() if isinstance(m, Int8Linear))
     torch._dynamo.reset()
     assert torch.equal(generate(quantized, ids, max_new_tokens=12), eager)
+    # fbgemm's packs are opaque objects, which inductor's C++ wrapper cannot pass: the Python wrapper's step
+    assert decoding.compiled_step(quantized, ids.device) is decoding.compiled_decode_step
+    assert decoding.compiled_step(model, ids.device) is decoding.cpu_compiled_decode_step
