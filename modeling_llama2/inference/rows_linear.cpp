@@ -1,8 +1,8 @@
 // y = x W^T for a few rows of x (decoding: one token, a batch or best-of-N samples), reading every weight once for
 // all rows. MKL's and oneDNN's small-M kernels read the weight at 3-7 GB/s at 8 rows on this project's 2-core x86
 // CPU; these loops keep a tile of weight rows in L1 while all rows of x pass over it, or, where x fits in L1, stream
-// each weight row once past all rows of x (see cpu_kernels.py and benchmarks/README.md for the measurements). The weight is fp32, or int8 with one fp32 scale per output
-// (weight-only: x is not rounded).
+// each weight row once past all rows of x (see cpu_kernels.py and benchmarks/README.md for the measurements). The
+// weight is fp32, or int8 with one fp32 scale per output (weight-only: x is not rounded).
 //
 // Built on first use by torch.utils.cpp_extension with -march=native and OpenMP (torch's own runtime, so
 // at::parallel_for splits the outputs over torch's threads). GCC vector types keep it portable (AVX2, AVX-512 or
