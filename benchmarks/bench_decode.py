@@ -124,6 +124,7 @@ def main() -> None:
                 "transformers": lambda: ref(long_prompt, use_cache=True, logits_to_keep=1),
                 "ours": lambda: decoding.prefill(ours, long_prompt, 512 + new),
                 "ours cpu kernels": lambda: decoding.prefill(kernels, long_prompt, 512 + new),
+                "ours cpu kernels, compiled": lambda: decoding.prefill(kernels, long_prompt, 512 + new, compile=True),
                 **{variant: partial(decoding.prefill, m, long_prompt, 512 + new) for variant, m in int8.items()},
             },
         ),

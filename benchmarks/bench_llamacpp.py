@@ -12,7 +12,8 @@ converter's row permutation), q8_0 within int8 rounding of it.
 Workloads, each the same forward passes on both sides (a prompt's pass yields the first new token):
 - decode b=1: 16-token prompt + 128 new tokens; ours `decoding.generate` (compiled step), llama.cpp
   `llama-bench -pg 16,127` (prompt pass + 127 one-token passes), tok/s = 128 / time of the whole call.
-- prefill 1x512: ours the model's forward with `logits_to_keep=1`, llama.cpp `llama-bench -p 512 -n 0`.
+- prefill 1x512: ours the model's forward with `logits_to_keep=1` (and, for fp32, also compiled once for all
+  prompt lengths: `decoding.run_prompt(..., compile=True)`), llama.cpp `llama-bench -p 512 -n 0`.
 - decode b=8: 8 prompts of 16 + 128 new tokens each; ours `decoding.generate` on 8 rows, llama.cpp
   `llama-batched-bench -npp 16 -ntg 127 -npl 8`, tok/s = 8 x 128 / (T_PP + T_TG) (its S_TG, the decode steps
   alone, is printed beside).
@@ -51,7 +52,12 @@ from modeling_llama2.inference.quantization import Int8Linear, quantize_int8
 PROMPT, NEW, LONG, ROWS = 16, 128, 512, 8
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama2-tokenizer/tokenizer.model"
 OURS_INT8 = {"ours int8 weight-only": "float", "ours int8 int8-acts": "int8"}
-BASELINE = {"ours fp32 cpu kernels": "llama.cpp f32", **dict.fromkeys(OURS_INT8, "llama.cpp q8_0")}
+COMPILED_PREFILL = "ours fp32 cpu kernels, compiled"
+BASELINE = {
+    "ours fp32 cpu kernels": "llama.cpp f32",
+    COMPILED_PREFILL: "llama.cpp f32",
+    **dict.fromkeys(OURS_INT8, "llama.cpp q8_0"),
+}
 
 
 def fail(message: str) -> NoReturn:
@@ -252,6 +258,9 @@ def main() -> None:
         workloads["decode b=1"][variant] = timed(lambda m=model: decoding.generate(m, prompt[1], max_new_tokens=NEW))
         workloads["prefill 1x512"][variant] = timed(lambda m=model: m(long_prompt, use_cache=True, logits_to_keep=1))
         workloads["decode b=8"][variant] = timed(lambda m=model: decoding.generate(m, prompt[ROWS], max_new_tokens=NEW))
+    fp32 = models["ours fp32 cpu kernels"]
+    workloads["prefill 1x512"][COMPILED_PREFILL] = timed(lambda: decoding.run_prompt(fp32, long_prompt, compile=True))
+    step_bytes[COMPILED_PREFILL] = step_bytes["ours fp32 cpu kernels"]
     units = {"decode b=1": NEW, "prefill 1x512": LONG, "decode b=8": ROWS * NEW}
 
     with torch.no_grad():

@@ -121,9 +121,9 @@ def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model,
 def test_a_step_over_shared_prompts_equals_a_step_over_their_copies(model):
     ids, mask = prompts(2, 11), torch.ones(2, 11, dtype=torch.long)
     ids[1, :3], mask[1, :3] = 0, 0  # a left-padded second prompt
-    logits, prompt_cache = run_prompt(model, ids, mask)
+    logits, prompt = run_prompt(model, ids, mask)
     shared = SharedPrefixCache(
-        prompt_cache, config=model.config, samples=3, max_new_tokens=5, prefix_slots=16, attention_mask=mask
+        prompt, config=model.config, samples=3, max_new_tokens=5, prefix_slots=16, attention_mask=mask
     )
     _, copies = prefill(model, ids.repeat_interleave(3, dim=0), 16, attention_mask=mask.repeat_interleave(3, dim=0))
     positions, slots_mask = padded_step_inputs(mask.repeat_interleave(3, dim=0), copies)
@@ -135,6 +135,24 @@ def test_a_step_over_shared_prompts_equals_a_step_over_their_copies(model):
             got = model(input_ids=tokens, cache=shared, position_ids=positions).logits
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             tokens, positions = tokens + 1, positions + 1
+
+
+def test_compiled_prefill_matches_eager_for_every_prompt_length_in_one_graph(model):
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for length in (20, 33, 27):  # past the rows kernel's 16 rows: one graph with a symbolic length
+        ids = prompts(2, length, seed=length)
+        logits, compiled = run_prompt(model, ids, compile=True)
+        expected_logits, expected = run_prompt(model, ids)
+        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+        for (keys, values), (expected_keys, expected_values) in zip(compiled, expected, strict=True):
+            torch.testing.assert_close(keys, expected_keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values, expected_values, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    ids = prompts(2, 20, seed=20)
+    out = generate(model, ids, max_new_tokens=8, compile=False, compile_prefill=True)
+    assert torch.equal(out, reference(model, ids, 8))
 
 
 def test_shared_prefix_cache_equals_prefilling_every_row(model):

@@ -3,9 +3,10 @@ does nothing per token but call it.
 
 Decoding one token at a time reads every weight once per step, and on small models the Python around each
 step (transformers' `generate` adds logits processors, stopping criteria and cache bookkeeping) costs as much
-as the matrix products. Here the prompt is prefilled eagerly into a `DynamicCache` (no wasted attention over
-empty slots, no recompile per prompt length), its keys and values are copied into a `StaticCache`, and the
-decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph of fixed shapes.
+as the matrix products. Here the prompt is prefilled into a `DynamicCache` (no wasted attention over empty slots;
+eagerly, or compiled with dynamic shapes once for all prompt lengths), its keys and values are copied into a
+`StaticCache`, and the decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph
+of fixed shapes.
 
 `sample_n` prefills each prompt once and keeps its keys and values once for its N samples (`SharedPrefixCache`),
 where `generate(num_return_sequences=N)` prefills N copies of the prompt and every step reads all N.
@@ -168,13 +169,13 @@ def padded_step_inputs(attention_mask: torch.Tensor, cache: StaticCache) -> tupl
     return positions, slots_mask
 
 
-def run_prompt(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, DynamicCache]:
-    """The prompt's last logits and its keys and values, in a `DynamicCache` (no attention over empty slots, no
-    recompile per prompt length)."""
+def _prompt_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     prompt_cache = DynamicCache(config=model.config)
-    position_ids = None if attention_mask is None else padded_positions(attention_mask)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -183,7 +184,29 @@ def run_prompt(
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]
-    return logits, prompt_cache
+    return logits, [(layer.keys, layer.values) for layer in prompt_cache.layers]
+
+
+# With dynamic shapes: one graph for every prompt length past `cpu_kernels.MAX_KERNEL_ROWS` tokens (and one below
+# it), which fuses the prefill's elementwise work (RMSNorm, RoPE, SwiGLU). 15M shape, 512 tokens, fp32 CPU kernels:
+# 1.21x [1.01, 1.54] eager's speed (paired), for a first call that compiles for about 25 s.
+compiled_prompt_forward = torch.compile(_prompt_forward, dynamic=True, fullgraph=True)
+
+
+def run_prompt(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    compile: bool = False,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The prompt's last logits and each layer's keys and values (no attention over empty slots), eagerly or
+    compiled (`compiled_prompt_forward`)."""
+    position_ids = None if attention_mask is None else padded_positions(attention_mask)
+    if not compile:
+        return _prompt_forward(model, input_ids, attention_mask, position_ids)
+    with torch_internals.recompile_limit(MAX_COMPILED_STEPS):
+        return compiled_prompt_forward(model, input_ids.contiguous(), attention_mask, position_ids)
 
 
 @torch.no_grad()
@@ -193,34 +216,37 @@ def prefill(
     max_cache_len: int,
     batch_size: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    *,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, StaticCache]:
-    """Run the prompt once and return its last logits and a `StaticCache` of `max_cache_len` slots holding its
-    keys and values, broadcast to `batch_size` rows (default: the prompt's batch). Left-padded prompts pass their
-    `attention_mask`."""
+    """Run the prompt once (compiled with `compile`, see `compiled_prompt_forward`) and return its last logits and
+    a `StaticCache` of `max_cache_len` slots holding its keys and values, broadcast to `batch_size` rows (default:
+    the prompt's batch). Left-padded prompts pass their `attention_mask`."""
     batch_size = batch_size or input_ids.shape[0]
-    logits, prompt_cache = run_prompt(model, input_ids, attention_mask)
+    logits, prompt = run_prompt(model, input_ids, attention_mask, compile=compile)
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-    first = prompt_cache.layers[0].keys
+    first = prompt[0][0]
     cache.early_initialization(batch_size, first.shape[1], first.shape[-1], first.dtype, first.device)
     length = input_ids.shape[1]
-    for static, dynamic in zip(cache.layers, prompt_cache.layers, strict=False):
-        static.keys[:, :, :length] = dynamic.keys
-        static.values[:, :, :length] = dynamic.values
+    for static, (keys, values) in zip(cache.layers, prompt, strict=False):
+        static.keys[:, :, :length] = keys
+        static.values[:, :, :length] = values
         static.cumulative_length.fill_(length)
     return logits, cache
 
 
 class SharedPrefixCache(StaticCache):
     """A `StaticCache` for `samples` continuations of each of a batch of prompts (rows `i * samples + j`: sample
-    `j` of prompt `i`): each layer keeps every prompt's keys and values once, as its `shared_prefix` (keys, values,
-    mask of the filled slots), which `shared_prefix_attention` reads once a step for all rows, and the rows' own
-    tokens in `max_new_tokens` static slots. The prompts take `prefix_slots` slots (their length or more, the rest
+    `j` of prompt `i`; `prompt`: each layer's keys and values from `run_prompt`): each layer keeps every prompt's
+    keys and values once, as its `shared_prefix` (keys, values, mask of the filled slots), which
+    `shared_prefix_attention` reads once a step for all rows, and the rows' own tokens in `max_new_tokens` static
+    slots. The prompts take `prefix_slots` slots (their length or more, the rest
     masked, as is the left padding under `attention_mask`), so that prompts of different lengths share one
     compiled step."""
 
     def __init__(
         self,
-        prompt_cache: DynamicCache,
+        prompt: list[tuple[torch.Tensor, torch.Tensor]],
         *,
         config,
         samples: int,
@@ -229,7 +255,7 @@ class SharedPrefixCache(StaticCache):
         attention_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__(config=config, max_cache_len=max(max_new_tokens, 1))
-        first = prompt_cache.layers[0].keys
+        first = prompt[0][0]
         prompts, length = first.shape[0], first.shape[-2]
         self.prompt_length = length
         self.early_initialization(prompts * samples, first.shape[1], first.shape[-1], first.dtype, first.device)
@@ -239,8 +265,8 @@ class SharedPrefixCache(StaticCache):
         # Each row's next position: its prompt's length without the padding.
         self.next_positions = attention_mask.sum(-1, keepdim=True).repeat_interleave(samples, dim=0)
         padding = (0, 0, 0, prefix_slots - length)
-        for layer, prompt in zip(self.layers, prompt_cache.layers, strict=True):
-            layer.shared_prefix = (F.pad(prompt.keys, padding), F.pad(prompt.values, padding), filled)
+        for layer, (keys, values) in zip(self.layers, prompt, strict=True):
+            layer.shared_prefix = (F.pad(keys, padding), F.pad(values, padding), filled)
 
 
 @torch.no_grad()
@@ -315,17 +341,19 @@ def generate(
     max_cache_len: int | None = None,
     compile: bool = True,
     attention_mask: torch.Tensor | None = None,
+    compile_prefill: bool = False,
 ) -> torch.Tensor:
     """Prompt plus continuation, (batch, prompt + new); at temperature 0 the tokens of
     `model.generate(input_ids, attention_mask=attention_mask, do_sample=False, ...)`, else samples (nucleus
     sampling below `top_p` < 1). Prompts of different lengths are left-padded, with their `attention_mask`. The
-    compiled step is specialized to the cache's shape: pass one `max_cache_len` for all calls to compile once."""
+    compiled step is specialized to the cache's shape: pass one `max_cache_len` for all calls to compile once.
+    `compile_prefill` compiles the prompt's forward too, once for all prompt lengths (`compiled_prompt_forward`)."""
     check_request(
         model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         max_cache_len=max_cache_len,
     )  # fmt: skip
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
-    logits, cache = prefill(model, input_ids, max_cache_len, attention_mask=attention_mask)
+    logits, cache = prefill(model, input_ids, max_cache_len, attention_mask=attention_mask, compile=compile_prefill)
     new = decode(
         model, logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile, attention_mask=attention_mask,
@@ -351,12 +379,14 @@ def sample_n(
     compile: bool = True,
     top_p: float = 1.0,
     attention_mask: torch.Tensor | None = None,
+    compile_prefill: bool = False,
 ) -> torch.Tensor:
     """`n` continuations of each prompt (prompts, length; left-padded under `attention_mask` where their lengths
     differ), as (prompts * n, length + new), row `i * n + j` sample `j` of prompt `i`. Each prompt is prefilled
     once, and its keys and values are kept once for its `n` rows (`SharedPrefixCache`) under "sdpa" and "eager"
     attention, copied to every row of a `StaticCache` under other kernels. The compiled step is specialized to
-    the number of rows, `max_cache_len` and `max_new_tokens`: keep them for all calls to compile once."""
+    the number of rows, `max_cache_len` and `max_new_tokens`: keep them for all calls to compile once;
+    `compile_prefill` as in `generate`."""
     if n < 1:
         raise ValueError(f"`n` must be at least 1 sample, got {n}.")
     if attention_mask is not None and (
@@ -374,17 +404,19 @@ def sample_n(
     rows = input_ids.repeat_interleave(n, dim=0)
     row_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
     if model.config._attn_implementation in SHARED_PREFIX_ATTENTION:
-        logits, prompt_cache = run_prompt(model, input_ids, attention_mask)
+        logits, prompt = run_prompt(model, input_ids, attention_mask, compile=compile_prefill)
         cache = SharedPrefixCache(
-            prompt_cache, config=model.config, samples=n, max_new_tokens=max_new_tokens,
+            prompt, config=model.config, samples=n, max_new_tokens=max_new_tokens,
             prefix_slots=max_cache_len - max_new_tokens, attention_mask=attention_mask,
         )  # fmt: skip
         logits, row_mask = logits.repeat_interleave(n, dim=0), None  # the cache masks the padding itself
     elif input_ids.shape[0] == 1:
-        logits, cache = prefill(model, input_ids, max_cache_len, batch_size=n, attention_mask=attention_mask)
+        logits, cache = prefill(
+            model, input_ids, max_cache_len, batch_size=n, attention_mask=attention_mask, compile=compile_prefill
+        )
         logits = logits.expand(n, -1)
     else:
-        logits, cache = prefill(model, rows, max_cache_len, attention_mask=row_mask)
+        logits, cache = prefill(model, rows, max_cache_len, attention_mask=row_mask, compile=compile_prefill)
     new = decode(
         model, logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile, attention_mask=row_mask,
