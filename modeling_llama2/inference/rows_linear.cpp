@@ -55,23 +55,37 @@ inline vfloat hsum8(const vfloat* v) {
 }
 #endif
 
-// A weight rows (starting at w) times R rows of x, into y[r * out + a]. A x R accumulators fit the 16 vector
-// registers of AVX2 with the A weight vectors they share; their sums leave eight at a time (hsum8) when `in` has
-// no tail.
+// Eight weights as floats. GCC's conversion of an int8 vector type is scalar; AVX2 sign-extends and converts in
+// two instructions.
+inline vfloat load_weight(const float* p) { return load(p); }
+inline vfloat load_weight(const int8_t* p) {
+#if defined(__AVX2__)
+  return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  typedef int8_t vint8 __attribute__((vector_size(kLanes)));
+  vint8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, vfloat);
+#endif
+}
+
+// A weight rows (starting at w; fp32, or int8 converted as loaded) times R rows of x, into y[r * out + a]. A x R
+// accumulators fit the 16 vector registers of AVX2 with the A weight vectors they share; their sums leave eight at
+// a time (hsum8) when `in` has no tail.
 // `next`, where given, is the weight tile after this one, prefetched a line for every two vectors read here: the
 // fp32 weights of a decode step, cycled from memory at 8 rows, read 1.26-1.28x faster with it, and fp32 decode b=8
 // ran 1.27x [0.93, 1.33] (15M) and 1.23x [1.19, 1.28] (125M); int8 tiles are converted in one sequential pass,
 // which gained nothing from it.
-template <int A, int R>
-inline void tile(const float* x, int64_t in, const float* w, const float* scale, float* y, int64_t out,
-                 const float* next = nullptr) {
+template <int A, int R, typename W = float>
+inline void tile(const float* x, int64_t in, const W* w, const float* scale, float* y, int64_t out,
+                 const W* next = nullptr) {
   vfloat acc[A * R] = {};
   int64_t i = 0;
   for (; i + kLanes <= in; i += kLanes) {
     if (next && i % 16 == 0)
       for (int a = 0; a < A; ++a) __builtin_prefetch(next + a * in + i);
     vfloat wv[A];
-    for (int a = 0; a < A; ++a) wv[a] = load(w + a * in + i);
+    for (int a = 0; a < A; ++a) wv[a] = load_weight(w + a * in + i);
     for (int r = 0; r < R; ++r) {
       const vfloat xv = load(x + r * in + i);
       for (int a = 0; a < A; ++a) acc[a * R + r] += wv[a] * xv;
@@ -90,7 +104,7 @@ inline void tile(const float* x, int64_t in, const float* w, const float* scale,
   for (; k < A * R; ++k) {
     const int a = k / R, r = k % R;
     float s = hsum(acc[k]);
-    for (int64_t j = i; j < in; ++j) s += w[a * in + j] * x[r * in + j];
+    for (int64_t j = i; j < in; ++j) s += static_cast<float>(w[a * in + j]) * x[r * in + j];
     y[r * out + a] = scale ? s * scale[a] : s;
   }
 }
@@ -101,22 +115,23 @@ constexpr int kTileRows = 4;
 
 // A weight rows times every row of x, R rows at a time: the weight tile is read from memory once, then from L1; the
 // first pass prefetches `next`.
-template <int A, int R = kTileRows>
-inline void all_rows(const float* x, int64_t rows, int64_t in, const float* w, const float* scale, float* y,
-                     int64_t out, const float* next = nullptr) {
+template <int A, int R = kTileRows, typename W = float>
+inline void all_rows(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y, int64_t out,
+                     const W* next = nullptr) {
   int64_t r = 0;
-  for (; r + R <= rows; r += R, next = nullptr) tile<A, R>(x + r * in, in, w, scale, y + r * out, out, next);
+  for (; r + R <= rows; r += R, next = nullptr) tile<A, R, W>(x + r * in, in, w, scale, y + r * out, out, next);
   if constexpr (R > 4)
-    for (; r + 4 <= rows; r += 4, next = nullptr) tile<A, 4>(x + r * in, in, w, scale, y + r * out, out, next);
-  for (; r + 2 <= rows; r += 2, next = nullptr) tile<A, 2>(x + r * in, in, w, scale, y + r * out, out, next);
-  if (r < rows) tile<A, 1>(x + r * in, in, w, scale, y + r * out, out, next);
+    for (; r + 4 <= rows; r += 4, next = nullptr) tile<A, 4, W>(x + r * in, in, w, scale, y + r * out, out, next);
+  for (; r + 2 <= rows; r += 2, next = nullptr) tile<A, 2, W>(x + r * in, in, w, scale, y + r * out, out, next);
+  if (r < rows) tile<A, 1, W>(x + r * in, in, w, scale, y + r * out, out, next);
 }
 
 // Where all rows of x fit in L1 beside a weight row (8 rows of 288: 9 KB; L1 is 32 KB or more on current x86 and
 // ARM cores), each weight row streams past them once, times 8 rows at a time (one eight-way horizontal sum for
 // eight outputs). On this project's 2-core AMD CPU, against the 3 x 4 tiles, weights cycled from memory: the
 // 32000 x 288 head 1.36x at 8 rows and 1.39x at 16, 768 x 288 1.26x and 1.37x, 288 x 768 at 8 rows (24 KB) 1.10x;
-// 16 rows of 768 (48 KB) ran at 0.78x, 8 of 2048 at 0.80x.
+// 16 rows of 768 (48 KB) ran at 0.78x, 8 of 2048 at 0.80x. An int8 row is converted as it is loaded (at 8 rows, in
+// the one pass over it): 1.29-1.46x converting it into a buffer first.
 constexpr int64_t kStreamedRowsBytes = 24 * 1024;
 constexpr int kStreamedRows = 8;
 
@@ -129,20 +144,6 @@ inline const float* tile_rows(const float* w, int64_t o, int64_t, int64_t in, st
 inline const float* tile_rows(const int8_t* w, int64_t o, int64_t n, int64_t in, std::vector<float>& buffer) {
   for (int64_t j = 0; j < n * in; ++j) buffer[j] = static_cast<float>(w[o * in + j]);  // vectorized by GCC
   return buffer.data();
-}
-
-// Eight weights as floats. GCC's conversion of an int8 vector type is scalar; AVX2 sign-extends and converts in
-// two instructions.
-inline vfloat load_weight(const float* p) { return load(p); }
-inline vfloat load_weight(const int8_t* p) {
-#if defined(__AVX2__)
-  return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#else
-  typedef int8_t vint8 __attribute__((vector_size(kLanes)));
-  vint8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return __builtin_convertvector(v, vfloat);
-#endif
 }
 
 // One row of x: each weight row is read as one sequential stream, in 8 independent chains (interleaving the
@@ -184,13 +185,9 @@ template <typename W>
 void streamed_rows_linear(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y,
                           int64_t out) {
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(std::is_same_v<W, float> ? 0 : in);
-    for (int64_t o = begin; o < end; ++o) {
-      const float* next = nullptr;
-      if constexpr (std::is_same_v<W, float>) next = o + 1 < end ? w + (o + 1) * in : nullptr;
-      all_rows<1, kStreamedRows>(x, rows, in, tile_rows(w, o, 1, in, buffer), scale ? scale + o : nullptr, y + o,
-                                 out, next);
-    }
+    for (int64_t o = begin; o < end; ++o)
+      all_rows<1, kStreamedRows, W>(x, rows, in, w + o * in, scale ? scale + o : nullptr, y + o, out,
+                                    o + 1 < end ? w + (o + 1) * in : nullptr);
   });
 }
 
