@@ -33,7 +33,8 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
   Since then one row reads each weight row as one sequential stream (one 125M step's int8 weights, 95 MiB,
   cycled: 10.1-10.7 -> 18.7-23.7 GB/s, fp32 unchanged at 22-24) and several rows take 3 x 4 tiles (1.05-1.3x
   at 8-16 rows), or, from 8 rows whose x fits in 24 KB (the 15M shape's 288 inputs), each weight row streams once
-  past 8 rows of x at a time (fp32 1.05-1.39x, int8 1.02-1.34x the tiles; decode b=8 at 15M 1.19x [0.85, 1.34]).
+  past 8 rows of x at a time, an int8 one converted as it is loaded (fp32 1.05-1.39x the tiles, decode b=8 at 15M
+  1.19x [0.85, 1.34]; int8 1.29-1.46x a converted copy of the row, decode b=8 at 15M 1.12x [1.01, 1.34]).
   Int8 weights take it at one row too, also inside the compiled step (`quantization.Int8Linear`); fp32 ones keep
   the fused reduction there (the rows kernel instead: 0.84x [0.73, 0.93] at 15M, 1.03x [0.93, 1.05] at 125M,
   decode b=1).
