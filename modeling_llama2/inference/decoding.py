@@ -402,21 +402,23 @@ def sample_n(
     )  # fmt: skip
     max_cache_len = max_cache_len or input_ids.shape[1] + max_new_tokens
     rows = input_ids.repeat_interleave(n, dim=0)
-    row_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
+    row_mask = None  # a `SharedPrefixCache` masks the prompts' padding itself
     if model.config._attn_implementation in SHARED_PREFIX_ATTENTION:
         logits, prompt = run_prompt(model, input_ids, attention_mask, compile=compile_prefill)
         cache = SharedPrefixCache(
             prompt, config=model.config, samples=n, max_new_tokens=max_new_tokens,
             prefix_slots=max_cache_len - max_new_tokens, attention_mask=attention_mask,
         )  # fmt: skip
-        logits, row_mask = logits.repeat_interleave(n, dim=0), None  # the cache masks the padding itself
-    elif input_ids.shape[0] == 1:
-        logits, cache = prefill(
-            model, input_ids, max_cache_len, batch_size=n, attention_mask=attention_mask, compile=compile_prefill
-        )
-        logits = logits.expand(n, -1)
+        logits = logits.repeat_interleave(n, dim=0)
     else:
-        logits, cache = prefill(model, rows, max_cache_len, attention_mask=row_mask, compile=compile_prefill)
+        row_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
+        if input_ids.shape[0] == 1:
+            logits, cache = prefill(
+                model, input_ids, max_cache_len, batch_size=n, attention_mask=attention_mask, compile=compile_prefill
+            )
+            logits = logits.expand(n, -1)
+        else:
+            logits, cache = prefill(model, rows, max_cache_len, attention_mask=row_mask, compile=compile_prefill)
     new = decode(
         model, logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile, attention_mask=row_mask,
