@@ -3,6 +3,8 @@
 Compiling on a CPU takes seconds, so one test compiles the real step with inductor; the tests of the loop's logic
 compile it without inductor's code generation (`cheap_compile`) or run it eagerly (`compile=False`)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -265,6 +267,36 @@ def test_more_compiled_variants_than_dynamos_default_limit(model, cheap_compile)
         for max_cache_len in (24, 32, 40):
             ids = prompts(batch, 5, seed=batch)
             assert generate(model, ids, max_new_tokens=4, max_cache_len=max_cache_len).shape == (batch, 9)
+
+
+def test_steps_after_the_first_check_only_the_guards_that_tell_graphs_apart(model, cheap_compile, monkeypatch):
+    stance = []
+
+    @contextlib.contextmanager
+    def set_stance(stance_name="default", *, skip_guard_eval_unsafe=False):
+        stance.append(skip_guard_eval_unsafe)
+        yield
+        stance.pop()
+
+    step = decoding.cpu_compiled_decode_step
+    calls = []
+    monkeypatch.setattr(torch.compiler, "set_stance", set_stance)
+    monkeypatch.setattr(decoding, "cpu_compiled_decode_step", lambda *a: calls.append(any(stance)) or step(*a))
+    generate(model, prompts(1, 5), max_new_tokens=5)
+    assert calls == [False, True, True, True] and not stance  # the first step checks every guard
+
+
+def test_graphs_that_differ_in_settings_alone_are_told_apart_after_the_first_step(model, cheap_compile):
+    # Temperature and top-p are constants of each graph, not tensors: a step that skipped every guard but the
+    # tensors' from the first step on would reuse the greedy graph for the samples.
+    ids = prompts(2, 6, seed=3)
+    for temperature, top_p in [(0.0, 1.0), (1.0, 1.0), (1.0, 0.5), (0.0, 1.0), (1.0, 1.0)]:
+        outs = []
+        for compile in (True, False):
+            torch.manual_seed(7)
+            outs.append(generate(model, ids, max_new_tokens=12, temperature=temperature, top_p=top_p, compile=compile))
+        assert torch.equal(*outs), (temperature, top_p)
+    assert not torch.equal(outs[0], generate(model, ids, max_new_tokens=12, compile=False))  # sampled, not greedy
 
 
 def test_top_p_zero_keeps_the_most_likely_token():

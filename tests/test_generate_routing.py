@@ -230,6 +230,23 @@ def test_the_step_is_eager_unless_compile_config_asks(model):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_compiled_steps_after_the_first_check_only_the_guards_that_tell_graphs_apart(model, monkeypatch):
+    skipped = []
+    set_stance = torch.compiler.set_stance
+
+    def recording_set_stance(*args, skip_guard_eval_unsafe=False, **kwargs):
+        skipped.append(skip_guard_eval_unsafe)
+        return set_stance(*args, skip_guard_eval_unsafe=skip_guard_eval_unsafe, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording_set_stance)
+    ids = prompts(2, 7, seed=6)
+    kwargs = dict(max_new_tokens=12, pad_token_id=0, do_sample=False, cache_implementation="static")
+    default = model.generate(ids, max_new_tokens=12, pad_token_id=0, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), default) and not skipped  # eager steps have no guards
+    compiled = model.generate(ids, **kwargs, compile_config=CompileConfig(backend="eager", fullgraph=True))
+    assert torch.equal(compiled, default) and skipped == [True] * 10  # 11 steps, the first checks every guard
+
+
 def test_the_step_compiles_once_eager_steps_took_what_a_compile_costs(monkeypatch):
     monkeypatch.setattr(generate_routing, "COMPILE_AFTER_SECONDS", 1e-9)  # the first call's loop takes longer
     monkeypatch.setattr(generate_routing, "AUTO_COMPILE_CONFIG", CompileConfig(backend="eager", fullgraph=True))

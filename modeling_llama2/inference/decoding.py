@@ -13,6 +13,7 @@ where `generate(num_return_sequences=N)` prefills N copies of the prompt and eve
 """
 
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from .. import torch_internals
 from ..modeling_llama2 import check_generation_length
+
+T = TypeVar("T")
 
 
 def select_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -103,6 +106,25 @@ def compiled_step(model: PreTrainedModel, device: torch.device) -> Callable[...,
     if device.type != "cpu":
         return _cuda_graph_step
     return compiled_decode_step if torch_internals.holds_opaque(model) else cpu_compiled_decode_step
+
+
+def guarded_once(step: Callable[..., T]) -> Callable[..., T]:
+    """`step`, a compiled function, for one loop whose calls pass the same model, cache and settings: the first call
+    chooses (or compiles) its graph with every guard checked; the later ones check only the guards that tell its
+    graphs apart (tensors' shapes and dtypes, and whatever made it recompile before; dynamo refuses to recompile
+    there). The full check took 0.46 ms of a 4.5 ms step (15M, fp32 CPU kernels, batch 1): decode 1.14x [1.04,
+    1.25] fp32, 1.15x [1.08, 1.31] int8 weight-only, paired."""
+    checked = False
+
+    def call(*args: Any, **kwargs: Any) -> T:
+        nonlocal checked
+        if not checked:
+            checked = True
+            return step(*args, **kwargs)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return step(*args, **kwargs)
+
+    return call
 
 
 # The step compiles once per model structure, batch size, cache length, temperature and top-p; dynamo's default
@@ -299,7 +321,7 @@ def decode(
             f"{max_new_tokens} new tokens: prefill with a `max_cache_len` of at least {filled + max_new_tokens}."
         )
     check_generation_length(model.config, prompt + filled, max_new_tokens)
-    step = compiled_step(model, logits.device) if compile else decode_step
+    step = guarded_once(compiled_step(model, logits.device)) if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     positions, slots_mask = (None, None) if attention_mask is None else padded_step_inputs(attention_mask, cache)

@@ -105,7 +105,8 @@ def sample(
     positions, slots_mask = None, None
     if attention_mask is not None:
         positions, slots_mask = decoding.padded_step_inputs(attention_mask, cache)
-    forward = compiled_forward(model, generation_config) or model
+    compiled = compiled_forward(model, generation_config)
+    forward = model if compiled is None else decoding.guarded_once(compiled)
     # Rows that stop continue with the pad id `generate` resolved (the first EOS id when none is set); transformers
     # keeps it only in this private attribute of its working copy of the configuration.
     pad_token_id = generation_config._pad_token_tensor
@@ -129,7 +130,7 @@ def sample(
                 break
             logits = step(forward, tokens, cache, positions, slots_mask)
             positions = None if positions is None else positions + 1
-    if forward is model:
+    if compiled is None:
         _eager_seconds[model] = _eager_seconds.get(model, 0.0) + time.perf_counter() - start
     if streamer is not None:
         streamer.end()
