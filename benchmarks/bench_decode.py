@@ -90,6 +90,12 @@ def main() -> None:
     def routed(batch: int, **kwargs):  # what a `generate` user gets: `generate_routing`'s static-cache step
         return generate_call(ours, batch, cache_implementation="static", **kwargs)
 
+    def best_of(model, **kwargs):
+        return lambda: model.generate(
+            bo_prompt, do_sample=True, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new, top_k=0,
+            pad_token_id=0, **kwargs,
+        )  # fmt: skip
+
     workloads = {  # key -> (name, tokens or samples per call, {variant: callable})
         "decode1": (
             "decode b=1",
@@ -132,15 +138,8 @@ def main() -> None:
             f"best-of-{n}, 256 + {new}",
             n,
             {
-                "transformers": lambda: ref.generate(
-                    bo_prompt,
-                    do_sample=True,
-                    num_return_sequences=n,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    top_k=0,
-                    pad_token_id=0,
-                ),
+                "transformers": best_of(ref),
+                "ours generate static, eager": best_of(ours, cache_implementation="static", disable_compile=True),
                 "ours compiled": lambda: decoding.sample_n(ours, bo_prompt, n=n, max_new_tokens=new),
                 "ours cpu kernels": lambda: decoding.sample_n(kernels, bo_prompt, n=n, max_new_tokens=new),
                 **{

@@ -45,7 +45,9 @@ def forwards(model, fn, *args, **kwargs) -> tuple[object, list[tuple[str, int]]]
 
 
 def routed(seen: list[tuple[str, int]], prompt_length: int) -> bool:
-    return seen[0] == ("DynamicCache", prompt_length) and all(s == ("StaticCache", 1) for s in seen[1:])
+    # Samples of one prompt (`num_return_sequences`) step over a cache that keeps the prompt once.
+    steps = {("StaticCache", 1), ("SharedPrefixCache", 1)}
+    return seen[0] == ("DynamicCache", prompt_length) and all(s in steps for s in seen[1:])
 
 
 def default_and_static(model, input_ids, seed: int = 0, **kwargs):
@@ -82,6 +84,42 @@ def test_every_logits_processor_gives_the_default_tokens(model, settings):
     default, static, seen = default_and_static(model, prompts(2, 6, seed=1), seed=3, max_new_tokens=16, **settings)
     assert torch.equal(static, default)
     assert routed(seen, 6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("settings", [SAMPLED, dict(do_sample=True, top_k=0)], ids=["nucleus", "full"])
+def test_return_sequences_prefill_each_prompt_once_and_match_the_default(model, settings, padded):
+    ids, mask = left_padded([0, 3] if padded else [0, 0])
+    batches = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append((type(kwargs["cache"]).__name__, *kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        default, static, _ = default_and_static(
+            model, ids, attention_mask=mask, max_new_tokens=10, num_return_sequences=4, pad_token_id=0, **settings
+        )
+    finally:
+        hook.remove()
+    assert torch.equal(static, default) and static.shape == (8, 19)
+    steps = batches[-10:]  # the routed call's: its prefill, then 9 steps
+    assert steps[0] == ("DynamicCache", 2, 9) and set(steps[1:]) == {("SharedPrefixCache", 8, 1)}
+
+
+def test_compiled_steps_over_shared_prompts_match_the_default(model):
+    ids, mask = left_padded([0, 3])
+    compiled = CompileConfig(backend="eager", fullgraph=True)  # no graph break over the shared prompts
+    default, static, _ = default_and_static(
+        model, ids, attention_mask=mask, max_new_tokens=10, num_return_sequences=4, pad_token_id=0,
+        compile_config=compiled, **SAMPLED,
+    )  # fmt: skip
+    assert torch.equal(static, default)
+
+
+def test_repeated_rows_without_return_sequences_each_keep_their_prompt(model):
+    ids = prompts(1, 6).repeat(3, 1)  # the same prompt three times, not samples of it
+    default, static, seen = default_and_static(model, ids, max_new_tokens=8, pad_token_id=0, do_sample=False)
+    assert torch.equal(static, default) and set(seen[1:]) == {("StaticCache", 1)}
 
 
 @pytest.mark.parametrize("settings", [dict(do_sample=False), SAMPLED], ids=["greedy", "sampled"])

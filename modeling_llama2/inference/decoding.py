@@ -8,8 +8,9 @@ eagerly, or compiled with dynamic shapes once for all prompt lengths), its keys 
 `StaticCache`, and the decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph
 of fixed shapes.
 
-`sample_n` prefills each prompt once and keeps its keys and values once for its N samples (`SharedPrefixCache`),
-where `generate(num_return_sequences=N)` prefills N copies of the prompt and every step reads all N.
+`sample_n` prefills each prompt once and keeps its keys and values once for its N samples (`SharedPrefixCache`;
+also `generate(num_return_sequences=N, cache_implementation="static")`), where transformers' own loop prefills N
+copies of the prompt and every step reads all N.
 """
 
 from collections.abc import Callable

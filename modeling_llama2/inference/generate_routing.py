@@ -3,8 +3,9 @@ through `decoding`'s static-cache step.
 
 `Llama2ForCausalLM._sample` hands greedy and sampled requests for a static cache to `sample`, after `generate`
 has resolved the configuration and built its logits processors and stopping criteria. The prompt is prefilled
-into a `DynamicCache` as the default `generate` does (`decoding.prefill`), copied into a `StaticCache`, and each
-new token is one call of a fixed-shape step; there is no per-token input preparation or cache bookkeeping. The
+into a `DynamicCache` as the default `generate` does (`decoding.prefill`), copied into a `StaticCache` (or, for
+`num_return_sequences` > 1, prefilled and kept once for its samples: `decoding.SharedPrefixCache`), and each new
+token is one call of a fixed-shape step; there is no per-token input preparation or cache bookkeeping. The
 scores come from `generate`'s own processors, in its order, and a sample from `torch.multinomial` on their
 softmax: the same draws at the same RNG state, so greedy and seeded sampled tokens equal the default `generate`'s.
 
@@ -100,11 +101,23 @@ def sample(
         return None
     attention_mask = model_kwargs.get("attention_mask")  # None when no row is padded (`generate` drops all-ones)
     slots = model_kwargs["cache"].get_max_length()  # max_length - 1, or more to match earlier calls (no recompile)
-    logits, cache = decoding.prefill(model, input_ids, slots, attention_mask=attention_mask)
-    logits = logits.float()
+    steps = generation_config.max_length - input_ids.shape[1] - 1  # the last new token is never fed
+    samples = generation_config.num_return_sequences or 1
+    shared = shared_prompts(model, input_ids, attention_mask, samples) if steps > 0 else None
     positions, slots_mask = None, None
-    if attention_mask is not None:
-        positions, slots_mask = decoding.padded_step_inputs(attention_mask, cache)
+    if shared is not None:  # each prompt prefilled and kept once for its samples
+        prompt_ids, prompt_mask = shared
+        logits, prompt = decoding.run_prompt(model, prompt_ids, prompt_mask)
+        cache = decoding.SharedPrefixCache(
+            prompt, config=model.config, samples=samples, max_new_tokens=steps, prefix_slots=slots - steps,
+            attention_mask=prompt_mask,
+        )  # fmt: skip
+        logits, positions = logits.repeat_interleave(samples, dim=0), cache.next_positions
+    else:
+        logits, cache = decoding.prefill(model, input_ids, slots, attention_mask=attention_mask)
+        if attention_mask is not None:
+            positions, slots_mask = decoding.padded_step_inputs(attention_mask, cache)
+    logits = logits.float()
     compiled = compiled_forward(model, generation_config)
     forward = model if compiled is None else decoding.guarded_once(compiled)
     # Rows that stop continue with the pad id `generate` resolved (the first EOS id when none is set); transformers
@@ -135,6 +148,22 @@ def sample(
     if streamer is not None:
         streamer.end()
     return input_ids
+
+
+def shared_prompts(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, samples: int
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The distinct prompts (and their mask) where `generate` repeated each `samples` times in a row
+    (`num_return_sequences`) and the attention kernel reads prompts shared by rows; else None (every row its own)."""
+    if samples < 2 or model.config._attn_implementation not in decoding.SHARED_PREFIX_ATTENTION:
+        return None
+    ids = input_ids.unflatten(0, (-1, samples))
+    mask = None if attention_mask is None else attention_mask.unflatten(0, (-1, samples))
+    if not torch.equal(ids, ids[:, :1].expand_as(ids)) or (
+        mask is not None and not torch.equal(mask, mask[:, :1].expand_as(mask))
+    ):
+        return None
+    return ids[:, 0], None if mask is None else mask[:, 0]
 
 
 def compiled_forward(model: PreTrainedModel, generation_config: GenerationConfig):
