@@ -342,6 +342,14 @@ def test_decode_refuses_more_tokens_than_the_cache_or_context_holds(model):
         decode(model, logits, cache, max_new_tokens=9, compile=False)
 
 
+def test_decode_refuses_a_mask_beside_a_shared_prefix_cache(model):
+    ids = prompts(1, 6)
+    logits, prompt = run_prompt(model, ids)
+    cache = SharedPrefixCache(prompt, config=model.config, samples=2, max_new_tokens=4, prefix_slots=6)
+    with pytest.raises(ValueError, match="masks its prompts' padding itself"):
+        decode(model, logits.expand(2, -1), cache, max_new_tokens=4, attention_mask=torch.ones(2, 6), compile=False)
+
+
 def test_sample_n_refuses_zero_samples(model):
     with pytest.raises(ValueError, match="`n` must be at least 1 sample, got 0"):
         sample_n(model, prompts(1, 4), n=0, max_new_tokens=2, compile=False)

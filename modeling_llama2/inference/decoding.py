@@ -315,6 +315,11 @@ def decode(
     check_sampling(temperature, top_p)
     filled, slots = int(cache.get_seq_length()), cache.get_max_length()
     shared = isinstance(cache, SharedPrefixCache)
+    if shared and attention_mask is not None:
+        raise ValueError(
+            "A `SharedPrefixCache` masks its prompts' padding itself (its `attention_mask`): decode it with "
+            "`attention_mask=None`."
+        )
     prompt = cache.prompt_length if shared else 0  # tokens outside the slots
     if filled + max_new_tokens > slots:
         raise ValueError(
