@@ -49,6 +49,14 @@ def cheap_compile(monkeypatch):
     monkeypatch.setattr(decoding, "cpu_compiled_decode_step", step)
 
 
+@pytest.fixture
+def every_guard(monkeypatch):
+    """Every compiled decode step checks all its guards, as the first step of each loop does: a test that counts
+    graphs then shows that a loop's steps need no new one, which is what `decoding.guarded_once` relies on to skip
+    the guards after the first step (with them skipped, a graph that would need recompiling is silently reused)."""
+    monkeypatch.setattr(decoding, "guarded_once", lambda step: step)
+
+
 # The first lines of a script run in a fresh process that must not see this package (remote code, stock loading):
 # an import of it fails there, as where it is not installed, though the editable install puts it on the path.
 HIDE_PACKAGE = """

@@ -146,7 +146,7 @@ def test_only_fp32_cpu_linears_change_and_the_model_still_saves(model, tmp_path)
     assert all(type(m) is not CPULinear for m in half.modules())  # only fp32 is measured faster
 
 
-def test_compiled_greedy_tokens_match_the_eager_model(model):
+def test_compiled_greedy_tokens_match_the_eager_model(model, every_guard):
     fast = use_cpu_kernels(copy.deepcopy(model))
     for batch in (1, 2):  # the reduction at one row; the rows kernel at two (the prompt: oneDNN and MKL)
         ids = torch.randint(1, 256, (batch, 12), generator=torch.Generator().manual_seed(batch))

@@ -38,7 +38,7 @@ def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
     )
 
 
-def test_compiled_greedy_matches_generate_without_recompiling(model):
+def test_compiled_greedy_matches_generate_without_recompiling(model, every_guard):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()  # reset() keeps the counts of earlier tests
@@ -109,7 +109,7 @@ def test_greedy_samples_of_one_prompt_match_generate_on_every_row(kv_heads, attn
     assert torch.equal(out, reference(model, ids.expand(3, -1), 14))
 
 
-def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model, cheap_compile):
+def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model, cheap_compile, every_guard):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -284,6 +284,19 @@ def test_steps_after_the_first_check_only_the_guards_that_tell_graphs_apart(mode
     monkeypatch.setattr(decoding, "cpu_compiled_decode_step", lambda *a: calls.append(any(stance)) or step(*a))
     generate(model, prompts(1, 5), max_new_tokens=5)
     assert calls == [False, True, True, True] and not stance  # the first step checks every guard
+
+
+def test_a_later_call_that_needs_a_new_graph_compiles_it_with_every_guard_checked():
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs])
+        return graph.forward
+
+    step = decoding.guarded_once(torch.compile(lambda x: x * 2, backend=backend, dynamic=False))
+    assert step(torch.ones(2)).tolist() == [2, 2] and step(torch.ones(2)).tolist() == [2, 2]
+    assert step(torch.ones(3)).tolist() == [2, 2, 2]  # a new shape: a recompile, refused under the stance alone
+    assert step(torch.ones(3)).tolist() == [2, 2, 2] and graphs == [[(2,)], [(3,)]]
 
 
 def test_graphs_that_differ_in_settings_alone_are_told_apart_after_the_first_step(model, cheap_compile):
