@@ -108,6 +108,13 @@ def recompile_limit(limit: int) -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(recompile_limit=limit)
 
 
+def refused_recompile(error: RuntimeError) -> bool:
+    """Whether `error` is dynamo refusing to compile a new graph under `skip_guard_eval_unsafe`: it raises a plain
+    RuntimeError, told apart from others only by its message (torch 2.13; `guarded_once`'s test fails if a later
+    torch words it otherwise)."""
+    return "Recompilation triggered with skip_guard_eval_unsafe stance" in str(error)
+
+
 def opaque_base() -> type:
     """Base class of an object a compiled graph passes through to a custom op unchanged (`object` where this torch
     has no opaque objects: such a class then cannot reach a compiled graph, and `require(INT8_CPU)` says why)."""

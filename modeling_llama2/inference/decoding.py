@@ -109,11 +109,6 @@ def compiled_step(model: PreTrainedModel, device: torch.device) -> Callable[...,
     return compiled_decode_step if torch_internals.holds_opaque(model) else cpu_compiled_decode_step
 
 
-# How dynamo refuses to compile a new graph under `skip_guard_eval_unsafe` (torch 2.13-2.14; `guarded_once`'s test
-# fails if a later torch words it otherwise).
-SKIPPED_GUARDS_REFUSAL = "Recompilation triggered with skip_guard_eval_unsafe stance"
-
-
 def guarded_once(step: Callable[..., T]) -> Callable[..., T]:
     """`step`, a compiled function, for one loop whose calls pass the same model, cache and settings: the first call
     chooses (or compiles) its graph with every guard checked; the later ones check only the guards that tell its
@@ -132,7 +127,7 @@ def guarded_once(step: Callable[..., T]) -> Callable[..., T]:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return step(*args, **kwargs)
             except RuntimeError as error:  # raised before the graph runs: nothing was done twice
-                if SKIPPED_GUARDS_REFUSAL not in str(error):
+                if not torch_internals.refused_recompile(error):
                     raise
         checked = True
         return step(*args, **kwargs)
