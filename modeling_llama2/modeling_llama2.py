@@ -239,8 +239,13 @@ def shared_prefix_attention(
 class Llama2Attention(nn.Module):
     """Grouped-query self-attention: `num_attention_heads` query heads share `num_key_value_heads` key/value
     heads. The kernel (eager, sdpa, flash, flex, ...) comes from transformers' attention registry; one-token steps
-    under "sdpa" with grouped heads take `one_query_sdpa_attention`, and a cache layer that holds prompts shared by
+    under "sdpa" with grouped heads take `one_query_sdpa_attention` (any under "sdpa" take `one_token_attention`
+    where it is set), and a cache layer that holds prompts shared by
     several rows each (a `shared_prefix` attribute: their keys, values and filled slots) `shared_prefix_attention`."""
+
+    # One-token steps under "sdpa" call this instead of `one_query_sdpa_attention` where it is set (the inference
+    # package's CPU kernel: `cpu_kernels.use_cpu_kernels`); it falls back itself where its kernel does not apply.
+    one_token_attention: Callable | None = None
 
     def __init__(self, config: Llama2Config, layer_idx: int) -> None:
         super().__init__()
@@ -286,11 +291,13 @@ class Llama2Attention(nn.Module):
             attention_interface = partial(shared_prefix_attention, prefix=prefix)
         elif (
             self.config._attn_implementation == "sdpa"
-            and self.num_key_value_groups > 1
             and query_states.shape[2] == 1
             and (attention_mask is None or attention_mask.shape[1] == 1)
         ):
-            attention_interface = one_query_sdpa_attention
+            if self.one_token_attention is not None:
+                attention_interface = self.one_token_attention
+            elif self.num_key_value_groups > 1:
+                attention_interface = one_query_sdpa_attention
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

@@ -19,6 +19,7 @@ from modeling_llama2.inference.cpu_kernels import (
 )
 from modeling_llama2.inference.decoding import generate
 from modeling_llama2.inference.quantization import Int8Linear, quantize_int8
+from modeling_llama2.modeling_llama2 import Llama2Attention, one_query_sdpa_attention
 
 from .conftest import tiny_config
 
@@ -186,3 +187,50 @@ def test_int8_activations_compiled_step_calls_fbgemm_for_several_rows_and_matche
     # fbgemm's packs are opaque objects, which inductor's C++ wrapper cannot pass: the Python wrapper's step
     assert decoding.compiled_step(quantized, ids.device) is decoding.compiled_decode_step
     assert decoding.compiled_step(model, ids.device) is decoding.cpu_compiled_decode_step
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 6, 48), (12, 4, 64), (4, 1, 20)])  # MHA, GQA, MQA; a tail
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_token_attention_equals_sdpa(heads, kv_heads, head_dim, masked):
+    gen = torch.Generator().manual_seed(heads)
+    batch, slots = 3, 37
+    q = torch.randn(batch, heads, 1, head_dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, slots + 5, head_dim, generator=gen) for _ in range(2))  # a longer cache
+    mask = None
+    if masked:  # (batch, 1, 1, slots), as transformers' sdpa mask of a decode step; slot 0 always attended
+        mask = (torch.rand(batch, 1, 1, slots, generator=gen) > 0.4) | (torch.arange(slots) == 0)
+    k, v = k[:, :, :slots], v[:, :, :slots]  # not contiguous: the kernel copies them
+    module = torch.nn.Module()
+    out, weights = cpu_kernels.one_token_attention(module, q, k, v, mask, head_dim**-0.5)
+    expected, _ = one_query_sdpa_attention(module, q, k, v, mask, head_dim**-0.5)
+    assert weights is None and out.shape == (batch, 1, heads, head_dim)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_attention_keeps_sdpa_for_a_float_mask_and_for_gradients(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "one_query_sdpa_attention", lambda *a, **kw: calls.append(a[4]) or (None, None))
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 5, 8)
+    cpu_kernels.one_token_attention(torch.nn.Module(), q, k, k, torch.zeros(2, 1, 1, 5), 1.0)  # additive
+    cpu_kernels.one_token_attention(torch.nn.Module(), q.requires_grad_(), k, k, None, 1.0)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("prepare", [use_cpu_kernels, lambda m: quantize_int8(m, activations="float")])
+def test_decode_steps_take_the_one_token_kernel_and_match_sdpa(model, prepare):
+    fast = prepare(copy.deepcopy(model))
+    seen = []
+    for module in fast.modules():
+        if isinstance(module, Llama2Attention):
+            assert module.one_token_attention is cpu_kernels.one_token_attention
+            module.one_token_attention = lambda *a, **kw: (
+                seen.append(a[1].shape) or cpu_kernels.one_token_attention(*a, **kw)
+            )
+    reference = copy.deepcopy(fast)
+    for module in reference.modules():
+        if isinstance(module, Llama2Attention):
+            module.one_token_attention = None  # SDPA, the rest equal
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    out = generate(fast, ids, max_new_tokens=6, compile=False)
+    assert torch.equal(out, generate(reference, ids, max_new_tokens=6, compile=False))
+    assert len(seen) == 5 * model.config.num_hidden_layers and all(s[2] == 1 for s in seen)

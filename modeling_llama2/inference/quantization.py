@@ -43,7 +43,15 @@ from .. import torch_internals
 from ..configuration_llama2 import Llama2Config
 from ..modeling_llama2 import Llama2ForCausalLM
 from ..torch_internals import INT8PACK_CPU
-from .cpu_kernels import PackedWeight, fbgemm_int8_linear, reduction_linear, rows_linear, use_reduction, use_rows_kernel
+from .cpu_kernels import (
+    PackedWeight,
+    fbgemm_int8_linear,
+    reduction_linear,
+    rows_linear,
+    use_cpu_attention,
+    use_reduction,
+    use_rows_kernel,
+)
 
 WEIGHTS_NAME = "model.int8.safetensors"
 ACTIVATIONS = ("float", "int8")
@@ -169,11 +177,12 @@ def replace_linears(model: nn.Module, make, names: set[str] | None = None) -> No
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, *, activations: str = DEFAULT_ACTIVATIONS) -> nn.Module:
-    """Replace every `nn.Linear` of `model` (in place) by its int8 `Int8Linear`; embeddings and norms stay.
-    `activations`: "float" (weight-only) or "int8" (activations rounded too; see the module's docstring)."""
+    """Replace every `nn.Linear` of `model` (in place) by its int8 `Int8Linear`; embeddings and norms stay, and
+    one-token attention steps take the CPU kernel on a CPU (`cpu_kernels.use_cpu_attention`). `activations`: "float"
+    (weight-only) or "int8" (activations rounded too; see the module's docstring)."""
     check_activations(activations)
     replace_linears(model, lambda linear: Int8Linear.from_linear(linear, activations=activations))
-    return model
+    return use_cpu_attention(model)
 
 
 def activations_of(model: nn.Module) -> str:
