@@ -89,8 +89,7 @@ def cpu_tag() -> str:
 def rows_kernel() -> bool:
     """Whether `rows_linear` (and `one_token_attention`'s kernel) can run: on first (eager) call, build
     `KERNEL_SOURCES` with the C++ compiler that `torch.compile` also needs (about 15 s once; torch caches it in
-    `TORCH_EXTENSIONS_DIR`) and load them. Where that
-    fails, say so once and keep the library kernels."""
+    `TORCH_EXTENSIONS_DIR`) and load them. Where that fails, say so once and keep the library kernels."""
     global _rows_kernel
     if _rows_kernel is None and not torch.compiler.is_compiling():
         try:
