@@ -205,6 +205,11 @@ def test_one_token_attention_equals_sdpa(heads, kv_heads, head_dim, masked):
     expected, _ = one_query_sdpa_attention(module, q, k, v, mask, head_dim**-0.5)
     assert weights is None and out.shape == (batch, 1, heads, head_dim)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # The kernel itself (`one_token_attention` would fall back to SDPA without it).
+    assert cpu_kernels.rows_kernel()
+    slots_mask = None if mask is None else mask[:, 0, 0]
+    kernel = torch.ops.modeling_llama2_kernels.one_query_attention(q, k, v, slots_mask, head_dim**-0.5)
+    torch.testing.assert_close(kernel[:, None], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_one_token_attention_keeps_sdpa_for_a_float_mask_and_for_gradients(monkeypatch):

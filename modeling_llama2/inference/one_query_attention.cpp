@@ -13,18 +13,11 @@
 #include <limits>
 #include <vector>
 
+#include "vector.h"
+
 namespace {
 
-constexpr int kLanes = 8;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+using namespace modeling_llama2;
 
 inline float dot(const float* a, const float* b, int64_t d) {
   vfloat acc0 = {}, acc1 = {};
@@ -34,9 +27,7 @@ inline float dot(const float* a, const float* b, int64_t d) {
     acc1 += load(a + i + kLanes) * load(b + i + kLanes);
   }
   for (; i + kLanes <= d; i += kLanes) acc0 += load(a + i) * load(b + i);
-  acc0 += acc1;
-  float s = 0.f;
-  for (int k = 0; k < kLanes; ++k) s += acc0[k];
+  float s = hsum(acc0 + acc1);
   for (; i < d; ++i) s += a[i] * b[i];
   return s;
 }

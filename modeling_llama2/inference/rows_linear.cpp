@@ -22,22 +22,11 @@
 #include <immintrin.h>
 #endif
 
+#include "vector.h"
+
 namespace {
 
-constexpr int kLanes = 8;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float hsum(vfloat v) {
-  float s = 0.f;
-  for (int k = 0; k < kLanes; ++k) s += v[k];
-  return s;
-}
+using namespace modeling_llama2;
 
 #if defined(__AVX__)
 // The eight sums of v[0..7] as one vector (AVX: three rounds of pairwise adds instead of eight scalar chains).

@@ -1,0 +1,26 @@
+// The vector type of the CPU kernels (rows_linear.cpp, one_query_attention.cpp): eight floats as a GCC vector,
+// which the compiler maps to AVX2, AVX-512 halves or two NEON registers, whatever -march=native finds.
+#pragma once
+
+#include <cstring>
+
+namespace modeling_llama2 {
+
+constexpr int kLanes = 8;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float hsum(vfloat v) {
+  float s = 0.f;
+  for (int k = 0; k < kLanes; ++k) s += v[k];
+  return s;
+}
+
+}  // namespace modeling_llama2
