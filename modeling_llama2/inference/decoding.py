@@ -300,6 +300,28 @@ class SharedPrefixCache(StaticCache):
 
 
 @torch.no_grad()
+def shared_prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    samples: int,
+    max_new_tokens: int,
+    prefix_slots: int,
+    attention_mask: torch.Tensor | None = None,
+    compile: bool = False,
+) -> tuple[torch.Tensor, SharedPrefixCache]:
+    """Run each prompt once (compiled with `compile`, as in `prefill`) and return its last logits, repeated for
+    its `samples` rows, and a `SharedPrefixCache` that keeps it once for them (`prefix_slots` slots) beside
+    `max_new_tokens` slots of the rows' own."""
+    logits, prompt = run_prompt(model, input_ids, attention_mask, compile=compile)
+    cache = SharedPrefixCache(
+        prompt, config=model.config, samples=samples, max_new_tokens=max_new_tokens, prefix_slots=prefix_slots,
+        attention_mask=attention_mask,
+    )  # fmt: skip
+    return logits.repeat_interleave(samples, dim=0), cache
+
+
+@torch.no_grad()
 def decode(
     model: PreTrainedModel,
     logits: torch.Tensor,
@@ -439,12 +461,10 @@ def sample_n(
     rows = input_ids.repeat_interleave(n, dim=0)
     row_mask = None  # a `SharedPrefixCache` masks the prompts' padding itself
     if model.config._attn_implementation in SHARED_PREFIX_ATTENTION:
-        logits, prompt = run_prompt(model, input_ids, attention_mask, compile=compile_prefill)
-        cache = SharedPrefixCache(
-            prompt, config=model.config, samples=n, max_new_tokens=max_new_tokens,
-            prefix_slots=max_cache_len - max_new_tokens, attention_mask=attention_mask,
+        logits, cache = shared_prefill(
+            model, input_ids, samples=n, max_new_tokens=max_new_tokens, prefix_slots=max_cache_len - max_new_tokens,
+            attention_mask=attention_mask, compile=compile_prefill,
         )  # fmt: skip
-        logits = logits.repeat_interleave(n, dim=0)
     else:
         row_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
         if input_ids.shape[0] == 1:

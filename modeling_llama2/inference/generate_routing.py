@@ -107,12 +107,11 @@ def sample(
     positions, slots_mask = None, None
     if shared is not None:  # each prompt prefilled and kept once for its samples
         prompt_ids, prompt_mask = shared
-        logits, prompt = decoding.run_prompt(model, prompt_ids, prompt_mask)
-        cache = decoding.SharedPrefixCache(
-            prompt, config=model.config, samples=samples, max_new_tokens=steps, prefix_slots=slots - steps,
+        logits, cache = decoding.shared_prefill(
+            model, prompt_ids, samples=samples, max_new_tokens=steps, prefix_slots=slots - steps,
             attention_mask=prompt_mask,
         )  # fmt: skip
-        logits, positions = logits.repeat_interleave(samples, dim=0), cache.next_positions
+        positions = cache.next_positions
     else:
         logits, cache = decoding.prefill(model, input_ids, slots, attention_mask=attention_mask)
         if attention_mask is not None:
