@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.inference import cpu_kernels, decoding
+from modeling_llama2 import Llama2ForCausalLM, torch_internals
+from modeling_llama2.inference import cpu_kernels, decoding, quantization
 from modeling_llama2.inference.cpu_kernels import (
     CPULinear,
     onednn_linear,
@@ -18,7 +18,7 @@ from modeling_llama2.inference.cpu_kernels import (
     use_cpu_kernels,
 )
 from modeling_llama2.inference.decoding import generate
-from modeling_llama2.inference.quantization import Int8Linear, quantize_int8
+from modeling_llama2.inference.quantization import Int8Linear, quantize_int8, round_activations
 from modeling_llama2.modeling_llama2 import Llama2Attention, one_query_sdpa_attention
 
 from .conftest import tiny_config
@@ -177,16 +177,52 @@ def test_weight_only_int8_compiled_step_at_one_row_is_the_dequantized_model(mode
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
-def test_int8_activations_compiled_step_calls_fbgemm_for_several_rows_and_matches_eager(model):
+def test_int8_activations_prefill_calls_fbgemm_and_the_compiled_steps_match_eager(model, monkeypatch):
     quantized = quantize_int8(copy.deepcopy(model), activations="int8")
     ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    rows = []
+    kernel = quantization.int8_rows_linear
+    monkeypatch.setattr(quantization, "int8_rows_linear", lambda x, *a: rows.append(x.shape[0]) or kernel(x, *a))
     eager = generate(quantized, ids, max_new_tokens=12, compile=False)
-    assert all(m._packed is not None for m in quantized.modules() if isinstance(m, Int8Linear))
+    monkeypatch.undo()
+    # The prompt's LM head (its last position), then 11 steps of 8 linears (7 a layer and the head), 2 rows each.
+    assert set(rows) == {2} and len(rows) == 1 + 11 * 8
+    # The prompt's 20 rows took fbgemm; the LM head's 2 rows and every step's the int8 rows kernel.
+    assert quantized.model.layers[0].mlp.down_proj._packed is not None and quantized.lm_head._packed is None
     torch._dynamo.reset()
     assert torch.equal(generate(quantized, ids, max_new_tokens=12), eager)
     # fbgemm's packs are opaque objects, which inductor's C++ wrapper cannot pass: the Python wrapper's step
     assert decoding.compiled_step(quantized, ids.device) is decoding.compiled_decode_step
     assert decoding.compiled_step(model, ids.device) is decoding.cpu_compiled_decode_step
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 16])  # the 8-, 4-, 2- and 1-row loops
+@pytest.mark.parametrize("shape", [(50, 77), (288, 288), (96, 768)])  # a tail of 13 after the 32-wide blocks
+def test_int8_rows_kernel_is_fbgemms_dynamic_int8_linear_exactly(rows, shape):
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+    scale, bias = torch.rand(shape[0], generator=gen) / 100, torch.randn(shape[0], generator=gen)
+    packed, packed_bias = (torch_internals.fbgemm_pack_int8(weight, scale, b) for b in (None, bias))
+    for x in (torch.randn(rows, shape[1], generator=gen) * 3 + 1, torch.rand(rows, shape[1], generator=gen)):
+        y = cpu_kernels.int8_rows_linear(x, weight, scale)
+        assert torch.equal(y, torch_internals.fbgemm_int8_linear_2d(x, packed))
+        # fbgemm adds its bias in one fused step, `Int8Linear` after the product: a rounding apart
+        torch.testing.assert_close(
+            y + bias, torch_internals.fbgemm_int8_linear_2d(x, packed_bias), rtol=1e-6, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])  # 8 bits (sums in int32) and 7 (maddubs's int16 pairs)
+def test_int8_rows_kernel_rounds_as_round_activations(reduce_range):
+    """An identity weight of scale 1 returns the rounded activations themselves: bit for bit
+    `round_activations`, also where fbgemm's rounding would not be the one on this CPU."""
+    gen = torch.Generator().manual_seed(0)
+    identity = torch.eye(77, dtype=torch.int8)
+    for rows in (1, 3, 16):
+        for x in (torch.randn(rows, 77, generator=gen) * 3 + 1, torch.randn(rows, 77, generator=gen) * 1e-6):
+            y = cpu_kernels.int8_rows_linear(x, identity, torch.ones(77), reduce_range=reduce_range)
+            assert torch.equal(y, round_activations(x, reduce_range=reduce_range))
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 6, 48), (12, 4, 64), (4, 1, 20)])  # MHA, GQA, MQA; a tail

@@ -158,7 +158,7 @@ def test_loading_new_weights_repacks():
     torch.manual_seed(0)
     module = Int8Linear.from_linear(torch.nn.Linear(16, 8, bias=False), activations="int8")
     other = Int8Linear.from_linear(torch.nn.Linear(16, 8, bias=False), activations="int8")
-    x = torch.randn(2, 16)
+    x = torch.randn(cpu_kernels.MAX_KERNEL_ROWS + 1, 16)  # more rows than the int8 rows kernel takes: fbgemm
     module(x)
     assert module._packed is not None
     module.load_state_dict(other.state_dict())

@@ -68,7 +68,8 @@ from ..modeling_llama2 import Llama2Attention, one_query_sdpa_attention
 MIN_ONEDNN_ELEMENTS = 2**19  # 768 x 768 and larger: below this oneDNN's per-call cost outweighs its faster GEMV
 MAX_REDUCTION_ROWS = 1
 MAX_KERNEL_ROWS = 16  # `rows_linear` up to here; beyond, the weight is re-read often enough for BLAS to win
-KERNEL_SOURCES = ("rows_linear.cpp", "one_query_attention.cpp")  # one extension, built on first use
+# one extension, built on first use
+KERNEL_SOURCES = ("rows_linear.cpp", "one_query_attention.cpp", "int8_rows_linear.cpp")
 CPUINFO = "/proc/cpuinfo"  # where Linux lists the CPU's flags, for `cpu_tag`
 _rows_kernel: bool | None = None  # whether `rows_linear.cpp` is built and loaded (None: not tried yet)
 
@@ -110,11 +111,16 @@ def rows_kernel() -> bool:
         else:
             torch.library.register_fake("modeling_llama2_kernels::rows_linear")(_rows_linear_fake)
             torch.library.register_fake("modeling_llama2_kernels::one_query_attention")(_one_query_attention_fake)
+            torch.library.register_fake("modeling_llama2_kernels::int8_rows_linear")(_int8_rows_linear_fake)
             _rows_kernel = True
     return bool(_rows_kernel)
 
 
 def _rows_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _int8_rows_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -144,6 +150,23 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
     """`x @ W^T` (times `scale` per output, for an int8 `weight`) through `rows_linear.cpp`, which reads each
     weight once for all rows of `x`."""
     y = torch.ops.modeling_llama2_kernels.rows_linear(x.reshape(-1, x.shape[-1]), weight, scale)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def int8_rows_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    reduce_range: bool = torch_internals.FBGEMM_REDUCE_RANGE,
+) -> torch.Tensor:
+    """`round(x) @ W^T * scale` for an int8 `weight` through `int8_rows_linear.cpp`, `x` rounded to 8 bits as
+    fbgemm's dynamic int8 linear rounds it (`quantization.round_activations`, 7 bits with `reduce_range`) and the
+    products summed exactly in integers: fbgemm's result, without its per-call cost. At one row (weights cycled as in
+    a decode step's) as fast as the weight-only kernel and 2.9x fbgemm at 15M, 2.0x at 125M; at 8 rows 1.4x and 1.1x
+    fbgemm (1.2x and 1.8x the weight-only kernel)."""
+    levels = 127 if reduce_range else 255
+    y = torch.ops.modeling_llama2_kernels.int8_rows_linear(x.reshape(-1, x.shape[-1]), weight, scale, levels)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

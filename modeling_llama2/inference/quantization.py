@@ -20,9 +20,11 @@ Kernels on a CPU (fp32 activations):
   all the rows. Where the rows kernel cannot be built (no C++ compiler), one row in a compiled graph takes
   `cpu_kernels.reduction_linear` (a compiled loop that converts the weight as it reads it), one eager row aten's
   weight-only `_weight_int8pack_mm`, and several the dequantized matmul.
-- "int8": fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on first eager
-  use, through `cpu_kernels`' custom op, also inside a compiled graph); before the first eager call, or without
-  fbgemm, its rounding in tensor ops (`round_activations`) before the "float" kernels.
+- "int8": up to `cpu_kernels.MAX_KERNEL_ROWS` rows (decode steps) `cpu_kernels.int8_rows_linear`, which rounds `x`
+  as fbgemm does and sums the 8-bit products exactly, bit for bit fbgemm's result without its per-call cost; for
+  more rows (prefill) fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on
+  first eager use, through `cpu_kernels`' custom op, also inside a compiled graph); before the first eager call,
+  or without either kernel, its rounding in tensor ops (`round_activations`) before the "float" kernels.
 Elsewhere (GPUs) `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming kernel.
 
 The default is "float": exact (the dequantized model, whatever else is in the batch), and with the rows kernel
@@ -46,6 +48,7 @@ from ..torch_internals import INT8PACK_CPU
 from .cpu_kernels import (
     PackedWeight,
     fbgemm_int8_linear,
+    int8_rows_linear,
     reduction_linear,
     rows_linear,
     use_cpu_attention,
@@ -138,20 +141,24 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fbgemm(x):
+        if self.activations == "int8" and use_rows_kernel(x):  # a decode step's rows: fbgemm's numerics, exactly
+            y = int8_rows_linear(x, self.weight, self.weight_scale)
+        elif self._use_fbgemm(x):
             return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
-        if self.activations == "int8":  # fbgemm's rounding where fbgemm cannot run
-            x = round_activations(x)
+        else:
+            y = self._float_linear(round_activations(x) if self.activations == "int8" else x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _float_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x (W_int8 * scale)^T with `x` as given (weight-only, or already rounded where fbgemm cannot run)."""
         scale = self.weight_scale.to(x.dtype)
         if use_rows_kernel(x):
-            y = rows_linear(x, self.weight, scale)
-        elif use_reduction(x):
-            y = reduction_linear(x, self.weight) * scale
-        elif x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
-            y = torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
-        else:
-            y = nn.functional.linear(x, self.weight.to(x.dtype)) * scale
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            return rows_linear(x, self.weight, scale)
+        if use_reduction(x):
+            return reduction_linear(x, self.weight) * scale
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
+            return torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
+        return nn.functional.linear(x, self.weight.to(x.dtype)) * scale
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_packed": None}  # a copy or a pickle packs its own on first use

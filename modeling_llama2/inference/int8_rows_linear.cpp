@@ -1,0 +1,161 @@
+// y = x W^T for a few rows of x (decoding) with an int8 weight (one fp32 scale per output) and x rounded to 8 bits
+// as fbgemm's dynamic int8 linear rounds it (quantization.round_activations: one scale and zero point for all rows
+// of the call, `levels` steps), for cpu_kernels.py's `int8_rows_linear`: the integer sums of (q - zero point) * w
+// are exact, then scaled once per output, so a row's result is the rounded model's to float rounding, as fbgemm's
+// is. fbgemm's own kernel pays its quantization and packing of x per call (a 15M decode step at batch 1 ran at a
+// third of the weight-only speed); here x is rounded once into a small buffer and each weight row streams past all
+// rows of x. Built with rows_linear.cpp into one extension.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kMinScale = 6.1e-5f;  // fbgemm's smallest activation scale, as quantization.MIN_SCALE
+constexpr int64_t kPrefetch = 2048;  // as rows_linear.cpp's one-row loop
+
+struct Rounding {
+  float scale, zero_point;
+};
+
+// The scale and zero point of quantization.round_activations (torch's `_choose_qparams_per_tensor`), step for step.
+Rounding choose_rounding(const float* x, int64_t n, int levels) {
+  float low = 0.f, high = 0.f;
+  for (int64_t i = 0; i < n; ++i) low = std::min(low, x[i]), high = std::max(high, x[i]);
+  const double steps = levels / std::max(static_cast<double>(high) - low, 1e-300);
+  const double from_low = -low * steps, from_high = levels - high * steps;
+  const double zero_point = -std::abs(low * steps) < levels - std::abs(high * steps) ? from_low : from_high;
+  return {std::max(static_cast<float>(1.0 / steps), kMinScale),
+          static_cast<float>(std::clamp(std::nearbyint(zero_point), 0.0, static_cast<double>(levels)))};
+}
+
+// q = clamp(round(x * (1 / scale) + zero point), 0, levels) for each x, both operations rounded (no fused
+// multiply-add), as torch's tensor ops compute it; `D` holds q, or q - zero point with `centered`.
+template <typename D>
+__attribute__((optimize("fp-contract=off"))) void round_row(const float* x, int64_t n, Rounding r, int levels,
+                                                            bool centered, D* d) {
+  const float inverse = 1.f / r.scale, top = static_cast<float>(levels), shift = centered ? r.zero_point : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float t = x[i] * inverse;
+    d[i] = static_cast<D>(std::clamp(std::nearbyint(t + r.zero_point), 0.f, top) - shift);
+  }
+}
+
+#if defined(__AVX2__)
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Σ (q_r[i] - zero point) w[i] for R rows of x, q within [0, 127]: maddubs multiplies q (unsigned) by w (signed)
+// and sums pairs in int16, which 2 x 127 x 127 cannot overflow; then int32 sums, and zero point x Σ w[i] (summed
+// in the same pass) subtracted once. The weight row is loaded once for the R rows.
+template <int R>
+inline void dot_rows(const uint8_t* q, int64_t in, const int8_t* w, int32_t zero_point, int32_t* out) {
+  const __m256i ones16 = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);
+  __m256i acc[R], wsum = _mm256_setzero_si256();
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    __builtin_prefetch(w + i + kPrefetch);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+    wsum = _mm256_add_epi32(wsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, wv), ones16));
+    for (int r = 0; r < R; ++r) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * in + i));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(qv, wv), ones16));
+    }
+  }
+  int32_t sw = hsum(wsum);
+  for (int64_t j = i; j < in; ++j) sw += w[j];
+  for (int r = 0; r < R; ++r) {
+    int32_t s = hsum(acc[r]);
+    for (int64_t j = i; j < in; ++j) s += static_cast<int32_t>(q[r * in + j]) * w[j];
+    out[r] = s - zero_point * sw;
+  }
+}
+
+template <int R>
+inline void rows_of(const uint8_t* q, int64_t in, const int8_t* row, int32_t zero_point, float s, float* y,
+                    int64_t out) {
+  int32_t sums[R];
+  dot_rows<R>(q, in, row, zero_point, sums);
+  for (int r = 0; r < R; ++r) y[r * out] = static_cast<float>(sums[r]) * s;
+}
+#endif
+
+// The same sums for any d (8 bits: |d| up to 255), in int32 (GCC vectorizes the loop).
+template <typename D>
+inline int32_t dot(const D* d, int64_t in, const int8_t* w) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < in; ++i) s += static_cast<int32_t>(d[i]) * w[i];
+  return s;
+}
+
+at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t levels) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "int8_rows_linear: x (rows, in) and weight (out, in) expected, got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "int8_rows_linear: x must be float32 on the CPU");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
+                  scale.numel() == weight.size(0),
+              "int8_rows_linear: an int8 weight and one float32 scale per output row expected");
+  TORCH_CHECK(levels == 127 || levels == 255, "int8_rows_linear: levels is 127 or 255, got ", levels);
+  const auto xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  const float* xp = xc.const_data_ptr<float>();
+  const int8_t* w = wc.const_data_ptr<int8_t>();
+  const float* ws = sc.const_data_ptr<float>();
+  auto y = at::empty({rows, out}, x.options());
+  float* yp = y.data_ptr<float>();
+  const Rounding rounding = choose_rounding(xp, rows * in, static_cast<int>(levels));
+  const int lv = static_cast<int>(levels);
+#if defined(__AVX2__)
+  if (levels <= 127) {
+    std::vector<uint8_t> q(rows * in);
+    round_row(xp, rows * in, rounding, lv, false, q.data());
+    const auto zero_point = static_cast<int32_t>(rounding.zero_point);
+    at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        const float s = rounding.scale * ws[o];
+        const int8_t* row = w + o * in;
+        int64_t r = 0;
+        for (; r + 8 <= rows; r += 8) rows_of<8>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out);
+        if (r + 4 <= rows) rows_of<4>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out), r += 4;
+        if (r + 2 <= rows) rows_of<2>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out), r += 2;
+        if (r < rows) rows_of<1>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out);
+      }
+    });
+    return y;
+  }
+#endif
+  std::vector<int16_t> d(rows * in);
+  round_row(xp, rows * in, rounding, lv, true, d.data());
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float s = rounding.scale * ws[o];
+      for (int64_t r = 0; r < rows; ++r)
+        yp[r * out + o] = static_cast<float>(dot(d.data() + r * in, in, w + o * in)) * s;
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(modeling_llama2_kernels, m) {
+  m.def("int8_rows_linear(Tensor x, Tensor weight, Tensor scale, int levels) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(modeling_llama2_kernels, CPU, m) { m.impl("int8_rows_linear", int8_rows_linear); }
