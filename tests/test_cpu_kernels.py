@@ -191,9 +191,17 @@ def test_int8_activations_prefill_calls_fbgemm_and_the_compiled_steps_match_eage
     assert quantized.model.layers[0].mlp.down_proj._packed is not None and quantized.lm_head._packed is None
     torch._dynamo.reset()
     assert torch.equal(generate(quantized, ids, max_new_tokens=12), eager)
-    # fbgemm's packs are opaque objects, which inductor's C++ wrapper cannot pass: the Python wrapper's step
-    assert decoding.compiled_step(quantized, ids.device) is decoding.compiled_decode_step
-    assert decoding.compiled_step(model, ids.device) is decoding.cpu_compiled_decode_step
+    # fbgemm's packs are opaque objects, which inductor's C++ wrapper cannot pass: the Python wrapper's step where a
+    # step would take fbgemm (more rows than the int8 kernel's); the C++ wrapper's for these 2 rows and the others.
+    many = cpu_kernels.MAX_KERNEL_ROWS + 1
+    assert decoding.compiled_step(quantized, ids.device, many) is decoding.compiled_decode_step
+    assert decoding.compiled_step(quantized, ids.device, 2) is decoding.cpu_compiled_decode_step
+    assert decoding.compiled_step(model, ids.device, many) is decoding.cpu_compiled_decode_step
+    torch._dynamo.reset()
+    wide = torch.randint(1, 256, (many, 3), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(
+        generate(quantized, wide, max_new_tokens=4), generate(quantized, wide, max_new_tokens=4, compile=False)
+    )
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")

@@ -22,6 +22,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from .. import torch_internals
 from ..modeling_llama2 import check_generation_length
+from .cpu_kernels import MAX_KERNEL_ROWS, rows_kernel
 
 T = TypeVar("T")
 
@@ -91,7 +92,7 @@ def decode_step(
 compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
 # On a CPU, inductor's C++ wrapper calls the step's kernels and ops with no Python between them (15M, fp32 CPU
 # kernels, paired against the Python wrapper: decode 1.15x [1.04, 1.20] at batch 1, 1.17x [0.93, 1.33] at batch 8).
-# It passes tensors only: a model holding opaque kernel objects (fbgemm's int8 packs) keeps the Python wrapper.
+# It passes tensors only: a step that passes opaque kernel objects (fbgemm's int8 packs) keeps the Python wrapper.
 cpu_compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
@@ -102,11 +103,14 @@ def _cuda_graph_step(*args) -> torch.Tensor:
     return compiled_decode_step(*args).clone()
 
 
-def compiled_step(model: PreTrainedModel, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The compiled decode step for `model` on `device` (see `compiled_decode_step`, `cpu_compiled_decode_step`)."""
+def compiled_step(model: PreTrainedModel, device: torch.device, rows: int) -> Callable[..., torch.Tensor]:
+    """The compiled decode step for `model` on `device` with `rows` rows a step (see `compiled_decode_step`,
+    `cpu_compiled_decode_step`). A model holds fbgemm's packs once a long prompt ran with int8 activations, but its
+    steps use them only for more rows than the int8 rows kernel takes (15M, batch 8: the C++ wrapper's step 1.08x)."""
     if device.type != "cpu":
         return _cuda_graph_step
-    return compiled_decode_step if torch_internals.holds_opaque(model) else cpu_compiled_decode_step
+    packs_in_step = torch_internals.holds_opaque(model) and (rows > MAX_KERNEL_ROWS or not rows_kernel())
+    return compiled_decode_step if packs_in_step else cpu_compiled_decode_step
 
 
 def guarded_once(step: Callable[..., T]) -> Callable[..., T]:
@@ -356,7 +360,7 @@ def decode(
             f"{max_new_tokens} new tokens: prefill with a `max_cache_len` of at least {filled + max_new_tokens}."
         )
     check_generation_length(model.config, prompt + filled, max_new_tokens)
-    step = guarded_once(compiled_step(model, logits.device)) if compile else decode_step
+    step = guarded_once(compiled_step(model, logits.device, logits.shape[0])) if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     positions, slots_mask = (None, None) if attention_mask is None else padded_step_inputs(attention_mask, cache)
