@@ -27,10 +27,11 @@ Kernels on a CPU (fp32 activations):
   or without either kernel, its rounding in tensor ops (`round_activations`) before the "float" kernels.
 Elsewhere (GPUs) `linear(x, int8 -> dtype) * scale`, which inductor fuses into one weight-streaming kernel.
 
-The default is "float": exact (the dequantized model, whatever else is in the batch), and with the rows kernel
-the faster of the two at batch 1 (2-3.3x) and at batch 8 on the 15M shape; activations="int8" pays off for long
-prompts and for larger models' batches, where fbgemm's int8 products beat the float ones (125M: 1.45x for a
-512-token prefill, 1.43x at batch 8; benchmarks/README.md times both).
+The default is "float": exact (the dequantized model, whatever else is in the batch). activations="int8" costs
+accuracy (above) and is as fast at batch 1 (the int8 rows kernel against the weight-only one, in one paired decode
+run: 296 / 318 tok/s at 15M, 89 / 81 at 125M), faster at batch 8 (1236 / 1036 tok/s at 15M, 312 / 216 at 125M)
+and for long prompts, where fbgemm's int8 products beat the float ones (125M: 1.45x for a 512-token prefill);
+benchmarks/README.md times both.
 """
 
 import os
