@@ -221,6 +221,11 @@ def test_int8_rows_kernel_is_fbgemms_dynamic_int8_linear_exactly(rows, shape):
         )
 
 
+def test_int8_rows_kernel_refuses_rows_too_wide_for_its_int32_sums():
+    with pytest.raises(RuntimeError, match="at most 65536 inputs, got 65537"):
+        cpu_kernels.int8_rows_linear(torch.ones(1, 65537), torch.ones(1, 65537, dtype=torch.int8), torch.ones(1))
+
+
 @pytest.mark.parametrize("reduce_range", [False, True])  # 8 bits (sums in int32) and 7 (maddubs's int16 pairs)
 def test_int8_rows_kernel_rounds_as_round_activations(reduce_range):
     """An identity weight of scale 1 returns the rounded activations themselves: bit for bit

@@ -112,6 +112,8 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const
                   scale.numel() == weight.size(0),
               "int8_rows_linear: an int8 weight and one float32 scale per output row expected");
   TORCH_CHECK(levels == 127 || levels == 255, "int8_rows_linear: levels is 127 or 255, got ", levels);
+  // int32 sums of `in` products of |q - zero point| <= 255 and |w| <= 127 (Llama 2's widest: 28672)
+  TORCH_CHECK(x.size(1) <= 65536, "int8_rows_linear: at most 65536 inputs, got ", x.size(1));
   const auto xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
   const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
   const float* xp = xc.const_data_ptr<float>();
