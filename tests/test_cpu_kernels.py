@@ -221,6 +221,13 @@ def test_int8_rows_kernel_is_fbgemms_dynamic_int8_linear_exactly(rows, shape):
         )
 
 
+def test_int8_rows_kernel_turns_a_nan_into_nan_outputs_as_round_activations():
+    x = torch.randn(2, 40)
+    x[1, 7] = float("nan")
+    weight, scale = torch.ones(3, 40, dtype=torch.int8), torch.ones(3)
+    assert round_activations(x).isnan().all() and cpu_kernels.int8_rows_linear(x, weight, scale).isnan().all()
+
+
 def test_int8_rows_kernel_refuses_rows_too_wide_for_its_int32_sums():
     with pytest.raises(RuntimeError, match="at most 65536 inputs, got 65537"):
         cpu_kernels.int8_rows_linear(torch.ones(1, 65537), torch.ones(1, 65537, dtype=torch.int8), torch.ones(1))

@@ -26,17 +26,19 @@ constexpr int64_t kPrefetch = 2048;  // as rows_linear.cpp's one-row loop
 
 struct Rounding {
   float scale, zero_point;
+  bool nan;  // x holds a NaN
 };
 
 // The scale and zero point of quantization.round_activations (torch's `_choose_qparams_per_tensor`), step for step.
 Rounding choose_rounding(const float* x, int64_t n, int levels) {
   float low = 0.f, high = 0.f;
-  for (int64_t i = 0; i < n; ++i) low = std::min(low, x[i]), high = std::max(high, x[i]);
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) low = std::min(low, x[i]), high = std::max(high, x[i]), nan |= x[i] != x[i];
   const double steps = levels / std::max(static_cast<double>(high) - low, 1e-300);
   const double from_low = -low * steps, from_high = levels - high * steps;
   const double zero_point = -std::abs(low * steps) < levels - std::abs(high * steps) ? from_low : from_high;
   return {std::max(static_cast<float>(1.0 / steps), kMinScale),
-          static_cast<float>(std::clamp(std::nearbyint(zero_point), 0.0, static_cast<double>(levels)))};
+          static_cast<float>(std::clamp(std::nearbyint(zero_point), 0.0, static_cast<double>(levels))), nan};
 }
 
 // q = clamp(round(x * (1 / scale) + zero point), 0, levels) for each x, both operations rounded (no fused
@@ -122,6 +124,7 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const
   auto y = at::empty({rows, out}, x.options());
   float* yp = y.data_ptr<float>();
   const Rounding rounding = choose_rounding(xp, rows * in, static_cast<int>(levels));
+  if (rounding.nan) return y.fill_(NAN);  // as round_activations: a NaN leaves no range, every output NaN
   const int lv = static_cast<int>(levels);
 #if defined(__AVX2__)
   if (levels <= 127) {
