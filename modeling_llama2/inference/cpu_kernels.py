@@ -139,15 +139,20 @@ def wants_gradient(x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
+def kernel_takes(rows: int) -> bool:
+    """Whether the rows kernels (`rows_linear`, `int8_rows_linear`) take a product of `rows` rows: at most
+    `MAX_KERNEL_ROWS`, and the kernels built."""
+    return rows <= MAX_KERNEL_ROWS and rows_kernel()
+
+
 def use_rows_kernel(x: torch.Tensor) -> bool:
-    """Whether `x`'s product goes through `rows_linear`: fp32 rows on a CPU, at most `MAX_KERNEL_ROWS` of them,
-    no gradient wanted (the kernel has no backward), and the kernel built."""
+    """Whether `x`'s product goes through the rows kernels: fp32 rows on a CPU, as many as `kernel_takes`, no
+    gradient wanted (the kernels have no backward)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.numel() // x.shape[-1] <= MAX_KERNEL_ROWS
         and not wants_gradient(x)
-        and rows_kernel()
+        and kernel_takes(x.numel() // x.shape[-1])
     )
 
 

@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from .. import torch_internals
 from ..modeling_llama2 import check_generation_length
-from .cpu_kernels import MAX_KERNEL_ROWS, rows_kernel
+from .cpu_kernels import kernel_takes
 
 T = TypeVar("T")
 
@@ -109,7 +109,7 @@ def compiled_step(model: PreTrainedModel, device: torch.device, rows: int) -> Ca
     steps use them only for more rows than the int8 rows kernel takes (15M, batch 8: the C++ wrapper's step 1.08x)."""
     if device.type != "cpu":
         return _cuda_graph_step
-    packs_in_step = torch_internals.holds_opaque(model) and (rows > MAX_KERNEL_ROWS or not rows_kernel())
+    packs_in_step = torch_internals.holds_opaque(model) and not kernel_takes(rows)
     return compiled_decode_step if packs_in_step else cpu_compiled_decode_step
 
 

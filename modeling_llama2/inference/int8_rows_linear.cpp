@@ -19,10 +19,13 @@
 #include <immintrin.h>
 #endif
 
+#include "vector.h"
+
 namespace {
 
+using modeling_llama2::kPrefetch;
+
 constexpr float kMinScale = 6.1e-5f;  // fbgemm's smallest activation scale, as quantization.MIN_SCALE
-constexpr int64_t kPrefetch = 2048;  // as rows_linear.cpp's one-row loop
 
 struct Rounding {
   float scale, zero_point;

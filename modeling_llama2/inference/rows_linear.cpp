@@ -137,10 +137,9 @@ inline const float* tile_rows(const int8_t* w, int64_t o, int64_t n, int64_t in,
 
 // One row of x: each weight row is read as one sequential stream, in 8 independent chains (interleaving the
 // streams of several weight rows, as the tiles do, read int8 weights from memory at 0.6x the speed on this
-// project's AMD CPU), an int8 weight converted as it is loaded and prefetched 2 KB ahead (1.2x; fp32 ran slower
-// with it): from memory 1.7-1.8x the int8 speed of 8 interleaved rows, fp32 unchanged.
+// project's AMD CPU), an int8 weight converted as it is loaded and prefetched `kPrefetch` ahead: from memory
+// 1.7-1.8x the int8 speed of 8 interleaved rows, fp32 unchanged.
 constexpr int kChains = 8;
-constexpr int64_t kPrefetch = 2048;
 
 template <typename W>
 inline float row_dot(const float* x, int64_t in, const W* row) {
