@@ -1,3 +1,4 @@
+import functools
 import json
 import re
 import sys
@@ -16,7 +17,7 @@ from modeling_llama2.alignment.sft import (
     pack,
     sft_collator,
 )
-from modeling_llama2.alignment.training import InputError, ModelArguments, parse_args, whole_run_loss
+from modeling_llama2.alignment.training import InputError, ModelArguments, cli, parse_args, whole_run_loss
 from modeling_llama2.chat_format import IGNORE_INDEX, encode_dialog, tokenizer_encoder
 from tests.alignment_helpers import (
     alignment_config,
@@ -218,6 +219,24 @@ def test_sft_script_runs_distributed_on_two_cpu_processes(tmp_path):
     assert state["global_step"] == 4
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), Llama2ForCausalLM)
+
+
+def test_cli_closes_the_process_group_of_a_run_that_ends_well(tmp_path):
+    """Left open, gloo's threads met the interpreter's exit unjoined and aborted a rank after it had saved."""
+
+    def main(argv, fail: bool = False):
+        store = f"file://{tmp_path / ('failed' if fail else 'ok')}"
+        torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        if fail:
+            raise InputError("bad data")
+
+    cli(main)([])
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(SystemExit):
+        cli(functools.partial(main, fail=True))([])
+    # After a failure the group stays: closing it would wait on ranks that may never come.
+    assert torch.distributed.is_initialized()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize(

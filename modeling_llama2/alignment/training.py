@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -35,7 +36,13 @@ class InputError(ValueError):
 
 
 def cli(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], None]:
-    """Wrap a script's `main(argv)` so that an `InputError` ends it with `error: <message>` and exit code 2."""
+    """Wrap a script's `main(argv)` so that an `InputError` ends it with `error: <message>` and exit code 2, and a
+    run that ends well closes the process group a distributed launch opened.
+
+    `Trainer` leaves that group open; at interpreter exit gloo's worker threads were then torn down unjoined, and a
+    rank that had trained and saved could still abort ("terminate called without an active exception"). After a
+    failure the group is left alone: destroying it waits on the other ranks, which may never come.
+    """
 
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> None:
@@ -44,6 +51,8 @@ def cli(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str]
         except InputError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             raise SystemExit(2) from None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     return run
 
