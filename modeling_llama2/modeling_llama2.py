@@ -128,6 +128,18 @@ def apply_rotary_pos_emb(
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
+def joint_products(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`linear(x)` for each of `linears` (a layer's q, k and v projections, or gate and up). Linear layers of one
+    class that compute several products of one input together say so with a static `joint_forward(x, linears)` (the
+    inference package's CPU linears: a decode step's q, k and v in one kernel call); any others, PEFT's wrapped
+    layers among them, run one by one."""
+    kind = type(linears[0])
+    joint_forward = getattr(kind, "joint_forward", None)
+    if joint_forward is not None and all(type(linear) is kind for linear in linears):
+        return joint_forward(x, linears)
+    return tuple(linear(x) for linear in linears)
+
+
 class Llama2MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -139,7 +151,8 @@ class Llama2MLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = joint_products(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -272,9 +285,10 @@ class Llama2Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = joint_products(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        query_states = query.view(hidden_shape).transpose(1, 2)
+        key_states = key.view(hidden_shape).transpose(1, 2)
+        value_states = value.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)

@@ -19,7 +19,7 @@ from modeling_llama2.inference.cpu_kernels import (
 )
 from modeling_llama2.inference.decoding import generate
 from modeling_llama2.inference.quantization import Int8Linear, quantize_int8, round_activations
-from modeling_llama2.modeling_llama2 import Llama2Attention, one_query_sdpa_attention
+from modeling_llama2.modeling_llama2 import Llama2Attention, joint_products, one_query_sdpa_attention
 
 from .conftest import tiny_config
 
@@ -50,12 +50,46 @@ def test_rows_kernel_computes_the_fp32_and_weight_only_int8_linear(rows, out_fea
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
     # sums of up to 520 products, in another order than MKL's
-    torch.testing.assert_close(rows_linear(x, weight), x @ weight.T, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(rows_linear(x, [weight]), x @ weight.T, atol=5e-5, rtol=1e-5)
     int8, scale = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8), torch.rand(out_features)
     expected = x @ (int8.float() * scale[:, None]).T  # x is not rounded: weight-only
-    torch.testing.assert_close(rows_linear(x, int8, scale), expected, atol=1e-3, rtol=1e-4)  # sums of 127s
-    compiled = torch.compile(lambda x, w: rows_linear(x.relu(), w) + 1, fullgraph=True)  # an op inside a graph
+    torch.testing.assert_close(rows_linear(x, [int8], [scale]), expected, atol=1e-3, rtol=1e-4)  # sums of 127s
+    compiled = torch.compile(lambda x, w: rows_linear(x.relu(), [w]) + 1, fullgraph=True)  # an op inside a graph
     torch.testing.assert_close(compiled(x, weight), x.relu() @ weight.T + 1, atol=1e-5, rtol=1e-5)
+
+
+@needs_rows_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 16])
+@pytest.mark.parametrize("in_features", [77, 288, 520])  # tiles, streamed rows (from 8 rows), tiles again
+def test_rows_kernels_with_several_weights_give_each_weights_product_exactly(rows, in_features):
+    """One call for a layer's q, k and v: each weight's outputs are its own call's bit for bit (parts of 50, 7 and
+    13 rows: tails of the 3-row tiles inside the call)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen)
+    sizes = (50, 7, 13)
+    fp32 = [torch.randn(n, in_features, generator=gen) for n in sizes]
+    int8 = [torch.randint(-127, 128, (n, in_features), dtype=torch.int8, generator=gen) for n in sizes]
+    scales = [torch.rand(n, generator=gen) for n in sizes]
+    joint = rows_linear(x, fp32)
+    assert joint.shape == (rows, sum(sizes))
+    assert torch.equal(joint, torch.cat([rows_linear(x, [w]) for w in fp32], dim=-1))
+    single = [rows_linear(x, [w], [s]) for w, s in zip(int8, scales, strict=True)]
+    assert torch.equal(rows_linear(x, int8, scales), torch.cat(single, dim=-1))
+    single = [cpu_kernels.int8_rows_linear(x, [w], [s]) for w, s in zip(int8, scales, strict=True)]
+    assert torch.equal(cpu_kernels.int8_rows_linear(x, int8, scales), torch.cat(single, dim=-1))
+
+
+@needs_rows_kernel
+def test_rows_kernels_refuse_weights_that_do_not_go_together():
+    x, fp32, int8 = torch.randn(2, 16), torch.randn(4, 16), torch.ones(4, 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="all float32 or all int8"):
+        rows_linear(x, [fp32, int8], [])
+    with pytest.raises(RuntimeError, match="with x's 16 inputs expected, got \\[4, 8\\]"):
+        rows_linear(x, [fp32, torch.randn(4, 8)])
+    with pytest.raises(RuntimeError, match="one float32 scale per output row"):
+        rows_linear(x, [int8, int8], [torch.ones(4), torch.ones(3)])
+    with pytest.raises(RuntimeError, match="one scale tensor for each"):
+        cpu_kernels.int8_rows_linear(x, [int8, int8], [torch.ones(4)])
 
 
 @needs_rows_kernel
@@ -65,7 +99,7 @@ def test_cpu_linear_takes_the_rows_kernel_up_to_its_row_limit():
     with torch.no_grad():
         for rows in (1, cpu_kernels.MAX_KERNEL_ROWS):
             x = torch.randn(rows, 48)
-            assert torch.equal(fast(x), rows_linear(x, fast.weight))
+            assert torch.equal(fast(x), rows_linear(x, [fast.weight]))
         x = torch.randn(cpu_kernels.MAX_KERNEL_ROWS + 1, 48)  # beyond the limit: the library kernels
         assert torch.equal(fast(x), torch.nn.functional.linear(x, fast.weight))
 
@@ -177,16 +211,53 @@ def test_weight_only_int8_compiled_step_at_one_row_is_the_dequantized_model(mode
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
+@needs_rows_kernel
+@pytest.mark.parametrize("activations", [None, "float", "int8"])  # fp32 CPU kernels, int8 weight-only, int8 acts
+def test_decode_steps_take_q_k_v_and_gate_up_in_one_kernel_call_each(model, monkeypatch, activations):
+    fast = use_cpu_kernels(copy.deepcopy(model))
+    if activations is not None:
+        fast = quantize_int8(fast, activations=activations)
+    owner = cpu_kernels if activations is None else quantization
+    name = "int8_rows_linear" if activations == "int8" else "rows_linear"
+    kernel, weights = getattr(owner, name), []
+    monkeypatch.setattr(owner, name, lambda x, w, *a, **kw: weights.append(len(w)) or kernel(x, w, *a, **kw))
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        step = fast(ids[:, :1]).logits  # two rows: the rows kernels
+        tokens = generate(fast, ids, max_new_tokens=4, compile=False)
+    assert weights[:5] == [3, 1, 2, 1, 1]  # q, k, v; o; gate, up; down; the LM head
+    # One by one (as a model whose linears have no `joint_forward`): the same outputs, bit for bit.
+    monkeypatch.delattr(type(fast.lm_head), "joint_forward")
+    with torch.no_grad():
+        assert torch.equal(fast(ids[:, :1]).logits, step)
+        assert torch.equal(generate(fast, ids, max_new_tokens=4, compile=False), tokens)
+
+
+def test_joint_products_of_linears_of_different_kinds_run_one_by_one():
+    """A LoRA-wrapped q_proj beside plain CPU linears, say: each layer's own forward."""
+    torch.manual_seed(0)
+    fast, plain = use_cpu_kernels(torch.nn.Linear(16, 8, bias=False)), torch.nn.Linear(16, 4)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        outputs = joint_products(x, fast, plain)
+        assert torch.equal(outputs[0], fast(x)) and torch.equal(outputs[1], plain(x))
+        both = joint_products(x, fast, use_cpu_kernels(plain))  # a bias is added to its own part
+        torch.testing.assert_close(both[1], plain(x), atol=1e-6, rtol=1e-6)
+
+
 def test_int8_activations_prefill_calls_fbgemm_and_the_compiled_steps_match_eager(model, monkeypatch):
     quantized = quantize_int8(copy.deepcopy(model), activations="int8")
     ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(1))
     rows = []
     kernel = quantization.int8_rows_linear
-    monkeypatch.setattr(quantization, "int8_rows_linear", lambda x, *a: rows.append(x.shape[0]) or kernel(x, *a))
+    monkeypatch.setattr(
+        quantization, "int8_rows_linear", lambda x, w, *a: rows.append((x.shape[0], len(w))) or kernel(x, w, *a)
+    )
     eager = generate(quantized, ids, max_new_tokens=12, compile=False)
     monkeypatch.undo()
-    # The prompt's LM head (its last position), then 11 steps of 8 linears (7 a layer and the head), 2 rows each.
-    assert set(rows) == {2} and len(rows) == 1 + 11 * 8
+    # The prompt's LM head (its last position), then 11 steps of the layer's q, k and v in one call, o, gate and up
+    # in one call, down, and the head, 2 rows each.
+    assert rows == [(2, 1)] + [(2, 3), (2, 1), (2, 2), (2, 1), (2, 1)] * 11
     # The prompt's 20 rows took fbgemm; the LM head's 2 rows and every step's the int8 rows kernel.
     assert quantized.model.layers[0].mlp.down_proj._packed is not None and quantized.lm_head._packed is None
     torch._dynamo.reset()
@@ -213,7 +284,7 @@ def test_int8_rows_kernel_is_fbgemms_dynamic_int8_linear_exactly(rows, shape):
     scale, bias = torch.rand(shape[0], generator=gen) / 100, torch.randn(shape[0], generator=gen)
     packed, packed_bias = (torch_internals.fbgemm_pack_int8(weight, scale, b) for b in (None, bias))
     for x in (torch.randn(rows, shape[1], generator=gen) * 3 + 1, torch.rand(rows, shape[1], generator=gen)):
-        y = cpu_kernels.int8_rows_linear(x, weight, scale)
+        y = cpu_kernels.int8_rows_linear(x, [weight], [scale])
         assert torch.equal(y, torch_internals.fbgemm_int8_linear_2d(x, packed))
         # fbgemm adds its bias in one fused step, `Int8Linear` after the product: a rounding apart
         torch.testing.assert_close(
@@ -225,12 +296,12 @@ def test_int8_rows_kernel_turns_a_nan_into_nan_outputs_as_round_activations():
     x = torch.randn(2, 40)
     x[1, 7] = float("nan")
     weight, scale = torch.ones(3, 40, dtype=torch.int8), torch.ones(3)
-    assert round_activations(x).isnan().all() and cpu_kernels.int8_rows_linear(x, weight, scale).isnan().all()
+    assert round_activations(x).isnan().all() and cpu_kernels.int8_rows_linear(x, [weight], [scale]).isnan().all()
 
 
 def test_int8_rows_kernel_refuses_rows_too_wide_for_its_int32_sums():
     with pytest.raises(RuntimeError, match="at most 65536 inputs, got 65537"):
-        cpu_kernels.int8_rows_linear(torch.ones(1, 65537), torch.ones(1, 65537, dtype=torch.int8), torch.ones(1))
+        cpu_kernels.int8_rows_linear(torch.ones(1, 65537), [torch.ones(1, 65537, dtype=torch.int8)], [torch.ones(1)])
 
 
 @pytest.mark.parametrize("reduce_range", [False, True])  # 8 bits (sums in int32) and 7 (maddubs's int16 pairs)
@@ -241,7 +312,7 @@ def test_int8_rows_kernel_rounds_as_round_activations(reduce_range):
     identity = torch.eye(77, dtype=torch.int8)
     for rows in (1, 3, 16):
         for x in (torch.randn(rows, 77, generator=gen) * 3 + 1, torch.randn(rows, 77, generator=gen) * 1e-6):
-            y = cpu_kernels.int8_rows_linear(x, identity, torch.ones(77), reduce_range=reduce_range)
+            y = cpu_kernels.int8_rows_linear(x, [identity], [torch.ones(77)], reduce_range=reduce_range)
             assert torch.equal(y, round_activations(x, reduce_range=reduce_range))
 
 

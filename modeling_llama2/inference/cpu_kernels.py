@@ -61,6 +61,7 @@ import hashlib
 import os
 import platform
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,12 +122,14 @@ def rows_kernel() -> bool:
     return bool(_rows_kernel)
 
 
-def _rows_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _rows_linear_fake(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(weight.shape[0] for weight in weights))
 
 
-def _int8_rows_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _int8_rows_linear_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], levels: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(weight.shape[0] for weight in weights))
 
 
 def _one_query_attention_fake(q, k, v, mask, scale) -> torch.Tensor:
@@ -156,28 +159,40 @@ def use_rows_kernel(x: torch.Tensor) -> bool:
     )
 
 
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ W^T` (times `scale` per output, for an int8 `weight`) through `rows_linear.cpp`, which reads each
-    weight once for all rows of `x`."""
-    y = torch.ops.modeling_llama2_kernels.rows_linear(x.reshape(-1, x.shape[-1]), weight, scale)
-    return y.view(*x.shape[:-1], weight.shape[0])
+def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """`x @ W^T` for each of `weights` (times its `scales` per output, for int8 weights), side by side in one
+    output, through `rows_linear.cpp`, which reads each weight once for all rows of `x`: several weights (a layer's
+    q, k and v) in one call and one parallel region."""
+    y = torch.ops.modeling_llama2_kernels.rows_linear(x.reshape(-1, x.shape[-1]), list(weights), list(scales))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def int8_rows_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
     *,
     reduce_range: bool = torch_internals.FBGEMM_REDUCE_RANGE,
 ) -> torch.Tensor:
-    """`round(x) @ W^T * scale` for an int8 `weight` through `int8_rows_linear.cpp`, `x` rounded to 8 bits as
-    fbgemm's dynamic int8 linear rounds it (`quantization.round_activations`, 7 bits with `reduce_range`) and the
-    products summed exactly in integers: fbgemm's result, without its per-call cost. At one row (weights cycled as in
-    a decode step's) as fast as the weight-only kernel and 2.9x fbgemm at 15M, 2.0x at 125M; at 8 rows 1.4x and 1.1x
-    fbgemm (1.2x and 1.8x the weight-only kernel)."""
+    """`round(x) @ W^T * scale` for each of the int8 `weights` and their `scales`, side by side in one output,
+    through `int8_rows_linear.cpp`, `x` rounded to 8 bits as fbgemm's dynamic int8 linear rounds it
+    (`quantization.round_activations`, 7 bits with `reduce_range`) and the products summed exactly in integers:
+    fbgemm's result, without its per-call cost. At one row (weights cycled as in a decode step's) as fast as the
+    weight-only kernel and 2.9x fbgemm at 15M, 2.0x at 125M; at 8 rows 1.4x and 1.1x fbgemm (1.2x and 1.8x the
+    weight-only kernel)."""
     levels = 127 if reduce_range else 255
-    y = torch.ops.modeling_llama2_kernels.int8_rows_linear(x.reshape(-1, x.shape[-1]), weight, scale, levels)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    y = torch.ops.modeling_llama2_kernels.int8_rows_linear(
+        x.reshape(-1, x.shape[-1]), list(weights), list(scales), levels
+    )
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def split_products(y: torch.Tensor, linears: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
+    """`y`, the products of `linears` side by side (`rows_linear`, `int8_rows_linear`), as one output per linear,
+    its bias added."""
+    parts = y.split([linear.out_features for linear in linears], dim=-1)
+    biases = [linear.bias for linear in linears]
+    return tuple(part if bias is None else part + bias.to(y.dtype) for part, bias in zip(parts, biases, strict=True))
 
 
 def use_reduction(x: torch.Tensor) -> bool:
@@ -282,12 +297,21 @@ class CPULinear(nn.Linear):
         if use_reduction(x):
             y = reduction_linear(x, self.weight)
         elif use_rows_kernel(x):
-            y = rows_linear(x, self.weight)
+            y = rows_linear(x, [self.weight])
         elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS and not wants_gradient(x):
             y = onednn_linear(x, self.weight)
         else:
             return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias
+
+    @staticmethod
+    def joint_forward(x: torch.Tensor, linears: Sequence["CPULinear"]) -> tuple[torch.Tensor, ...]:
+        """Each of `linears` on `x` (`modeling_llama2.joint_products`): decode rows in one `rows_linear` call for all
+        of them, other rows one product each (one row in a compiled graph keeps its fused reduction: inductor's
+        loop over one concatenated weight was no faster)."""
+        if use_reduction(x) or not use_rows_kernel(x):
+            return tuple(linear(x) for linear in linears)
+        return split_products(rows_linear(x, [linear.weight for linear in linears]), linears)
 
 
 @torch.no_grad()

@@ -23,7 +23,10 @@
 
 namespace {
 
+using modeling_llama2::for_rows;
 using modeling_llama2::kPrefetch;
+using modeling_llama2::Part;
+using modeling_llama2::parts_of;
 
 constexpr float kMinScale = 6.1e-5f;  // fbgemm's smallest activation scale, as quantization.MIN_SCALE
 
@@ -108,22 +111,32 @@ inline int32_t dot(const D* d, int64_t in, const int8_t* w) {
   return s;
 }
 
-at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t levels) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "int8_rows_linear: x (rows, in) and weight (out, in) expected, got ", x.sizes(), " and ",
-              weight.sizes());
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "int8_rows_linear: x must be float32 on the CPU");
-  TORCH_CHECK(weight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
-                  scale.numel() == weight.size(0),
-              "int8_rows_linear: an int8 weight and one float32 scale per output row expected");
+// round(x) times each of `weights` (int8, each with one float32 scale per output row), as one (rows, sum of outs)
+// output.
+at::Tensor int8_rows_linear(const at::Tensor& x, at::TensorList weights, at::TensorList scales, int64_t levels) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "int8_rows_linear: x (rows, in), float32 on the CPU expected, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(!weights.empty() && scales.size() == weights.size(),
+              "int8_rows_linear: at least one weight, and one scale tensor for each, expected");
   TORCH_CHECK(levels == 127 || levels == 255, "int8_rows_linear: levels is 127 or 255, got ", levels);
   // int32 sums of `in` products of |q - zero point| <= 255 and |w| <= 127 (Llama 2's widest: 28672)
   TORCH_CHECK(x.size(1) <= 65536, "int8_rows_linear: at most 65536 inputs, got ", x.size(1));
-  const auto xc = x.contiguous(), wc = weight.contiguous(), sc = scale.contiguous();
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  int64_t out = 0;
+  std::vector<at::Tensor> ws, ss;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const at::Tensor &w = weights[k], &scale = scales[k];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1),
+                "int8_rows_linear: weights (out, in) with x's ", x.size(1), " inputs expected, got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0),
+                "int8_rows_linear: an int8 weight and one float32 scale per output row expected");
+    ws.push_back(w.contiguous());
+    ss.push_back(scale.contiguous());
+    out += w.size(0);
+  }
+  const auto xc = x.contiguous();
+  const int64_t rows = x.size(0), in = x.size(1);
   const float* xp = xc.const_data_ptr<float>();
-  const int8_t* w = wc.const_data_ptr<int8_t>();
-  const float* ws = sc.const_data_ptr<float>();
+  const std::vector<Part<int8_t>> parts = parts_of<int8_t>(ws, ss);
   auto y = at::empty({rows, out}, x.options());
   float* yp = y.data_ptr<float>();
   const Rounding rounding = choose_rounding(xp, rows * in, static_cast<int>(levels));
@@ -135,15 +148,15 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const
     round_row(xp, rows * in, rounding, lv, false, q.data());
     const auto zero_point = static_cast<int32_t>(rounding.zero_point);
     at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        const float s = rounding.scale * ws[o];
-        const int8_t* row = w + o * in;
+      for_rows(parts, begin, end, [&](const Part<int8_t>& part, int64_t row, int64_t o) {
+        const float s = rounding.scale * part.scale[row];
+        const int8_t* w = part.w + row * in;
         int64_t r = 0;
-        for (; r + 8 <= rows; r += 8) rows_of<8>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out);
-        if (r + 4 <= rows) rows_of<4>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out), r += 4;
-        if (r + 2 <= rows) rows_of<2>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out), r += 2;
-        if (r < rows) rows_of<1>(q.data() + r * in, in, row, zero_point, s, yp + r * out + o, out);
-      }
+        for (; r + 8 <= rows; r += 8) rows_of<8>(q.data() + r * in, in, w, zero_point, s, yp + r * out + o, out);
+        if (r + 4 <= rows) rows_of<4>(q.data() + r * in, in, w, zero_point, s, yp + r * out + o, out), r += 4;
+        if (r + 2 <= rows) rows_of<2>(q.data() + r * in, in, w, zero_point, s, yp + r * out + o, out), r += 2;
+        if (r < rows) rows_of<1>(q.data() + r * in, in, w, zero_point, s, yp + r * out + o, out);
+      });
     });
     return y;
   }
@@ -151,11 +164,11 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const
   std::vector<int16_t> d(rows * in);
   round_row(xp, rows * in, rounding, lv, true, d.data());
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const float s = rounding.scale * ws[o];
+    for_rows(parts, begin, end, [&](const Part<int8_t>& part, int64_t row, int64_t o) {
+      const float s = rounding.scale * part.scale[row];
       for (int64_t r = 0; r < rows; ++r)
-        yp[r * out + o] = static_cast<float>(dot(d.data() + r * in, in, w + o * in)) * s;
-    }
+        yp[r * out + o] = static_cast<float>(dot(d.data() + r * in, in, part.w + row * in)) * s;
+    });
   });
   return y;
 }
@@ -163,7 +176,7 @@ at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& weight, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(modeling_llama2_kernels, m) {
-  m.def("int8_rows_linear(Tensor x, Tensor weight, Tensor scale, int levels) -> Tensor");
+  m.def("int8_rows_linear(Tensor x, Tensor[] weights, Tensor[] scales, int levels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modeling_llama2_kernels, CPU, m) { m.impl("int8_rows_linear", int8_rows_linear); }

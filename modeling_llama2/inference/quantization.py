@@ -36,6 +36,7 @@ benchmarks/README.md times both.
 
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 from safetensors import safe_open
@@ -52,6 +53,7 @@ from .cpu_kernels import (
     int8_rows_linear,
     reduction_linear,
     rows_linear,
+    split_products,
     use_cpu_attention,
     use_reduction,
     use_rows_kernel,
@@ -143,7 +145,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8" and use_rows_kernel(x):  # a decode step's rows: fbgemm's numerics, exactly
-            y = int8_rows_linear(x, self.weight, self.weight_scale)
+            y = int8_rows_linear(x, [self.weight], [self.weight_scale])
         elif self._use_fbgemm(x):
             return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
         else:
@@ -154,12 +156,24 @@ class Int8Linear(nn.Module):
         """x (W_int8 * scale)^T with `x` as given (weight-only, or already rounded where fbgemm cannot run)."""
         scale = self.weight_scale.to(x.dtype)
         if use_rows_kernel(x):
-            return rows_linear(x, self.weight, scale)
+            return rows_linear(x, [self.weight], [scale])
         if use_reduction(x):
             return reduction_linear(x, self.weight) * scale
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
             return torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
         return nn.functional.linear(x, self.weight.to(x.dtype)) * scale
+
+    @staticmethod
+    def joint_forward(x: torch.Tensor, linears: Sequence["Int8Linear"]) -> tuple[torch.Tensor, ...]:
+        """Each of `linears` on `x` (`modeling_llama2.joint_products`): decode rows in one rows-kernel call for all
+        of them where they round activations alike (with "int8" the same x gives each the same rounding, so the
+        outputs are theirs one by one, bit for bit), other rows one product each."""
+        activations = {linear.activations for linear in linears}
+        if len(activations) > 1 or not use_rows_kernel(x):
+            return tuple(linear(x) for linear in linears)
+        weights, scales = [linear.weight for linear in linears], [linear.weight_scale for linear in linears]
+        kernel = int8_rows_linear if activations == {"int8"} else rows_linear
+        return split_products(kernel(x, weights, scales), linears)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_packed": None}  # a copy or a pickle packs its own on first use

@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -160,74 +161,105 @@ inline float row_dot(const float* x, int64_t in, const W* row) {
 }
 
 template <typename W>
-void one_row_linear(const float* x, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
+void one_row_linear(const float* x, int64_t in, const std::vector<Part<W>>& parts, float* y, int64_t out) {
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const float s = row_dot(x, in, w + o * in);
-      y[o] = scale ? s * scale[o] : s;
-    }
+    for_rows(parts, begin, end, [&](const Part<W>& part, int64_t row, int64_t o) {
+      const float s = row_dot(x, in, part.w + row * in);
+      y[o] = part.scale ? s * part.scale[row] : s;
+    });
   });
 }
 
 template <typename W>
-void streamed_rows_linear(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y,
+void streamed_rows_linear(const float* x, int64_t rows, int64_t in, const std::vector<Part<W>>& parts, float* y,
                           int64_t out) {
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o)
-      all_rows<1, kStreamedRows, W>(x, rows, in, w + o * in, scale ? scale + o : nullptr, y + o, out,
-                                    o + 1 < end ? w + (o + 1) * in : nullptr);
+    for_rows(parts, begin, end, [&](const Part<W>& part, int64_t row, int64_t o) {
+      const W* next = o + 1 < end && row + 1 < part.out ? part.w + (row + 1) * in : nullptr;
+      all_rows<1, kStreamedRows, W>(x, rows, in, part.w + row * in, part.scale ? part.scale + row : nullptr, y + o,
+                                    out, next);
+    });
   });
 }
 
+// kTile weight rows at a time, each tile within one part (the last of a part may be shorter).
 template <typename W>
-void linear(const float* x, int64_t rows, int64_t in, const W* w, const float* scale, float* y, int64_t out) {
-  if (rows == 1) return one_row_linear(x, in, w, scale, y, out);
-  if (rows >= kStreamedRows && rows * in * static_cast<int64_t>(sizeof(float)) <= kStreamedRowsBytes)
-    return streamed_rows_linear(x, rows, in, w, scale, y, out);
-  at::parallel_for(0, (out + kTile - 1) / kTile, 16, [&](int64_t begin, int64_t end) {
+void tiled_linear(const float* x, int64_t rows, int64_t in, const std::vector<Part<W>>& parts, float* y,
+                  int64_t out) {
+  int64_t tiles = 0;
+  for (const Part<W>& part : parts) tiles += (part.out + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(std::is_same_v<W, float> ? 0 : kTile * in);
-    for (int64_t o = begin * kTile, stop = std::min(out, end * kTile); o < stop; o += kTile) {
-      const int64_t n = std::min(kTile, stop - o);
-      const float* t = tile_rows(w, o, n, in, buffer);
-      const float* s = scale ? scale + o : nullptr;
-      if (n == kTile) {
-        const float* next = nullptr;
-        if constexpr (std::is_same_v<W, float>) next = o + 2 * kTile <= stop ? w + (o + kTile) * in : nullptr;
-        all_rows<kTile>(x, rows, in, t, s, y + o, out, next);
-      } else {
-        for (int64_t a = 0; a < n; ++a) all_rows<1>(x, rows, in, t + a * in, s ? s + a : nullptr, y + o + a, out);
+    int64_t first = 0, column = 0;  // the part's first tile and first column
+    for (const Part<W>& part : parts) {
+      const int64_t stop = std::min(end, first + (part.out + kTile - 1) / kTile);
+      for (int64_t t = std::max(begin, first); t < stop; ++t) {
+        const int64_t o = (t - first) * kTile, n = std::min(kTile, part.out - o);
+        const float* tile_w = tile_rows(part.w, o, n, in, buffer);
+        const float* s = part.scale ? part.scale + o : nullptr;
+        if (n == kTile) {
+          const float* next = nullptr;
+          if constexpr (std::is_same_v<W, float>)
+            next = t + 1 < stop && o + 2 * kTile <= part.out ? part.w + (o + kTile) * in : nullptr;
+          all_rows<kTile>(x, rows, in, tile_w, s, y + column + o, out, next);
+        } else {
+          for (int64_t a = 0; a < n; ++a)
+            all_rows<1>(x, rows, in, tile_w + a * in, s ? s + a : nullptr, y + column + o + a, out);
+        }
       }
+      first += (part.out + kTile - 1) / kTile;
+      column += part.out;
     }
   });
 }
 
-at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "rows_linear: x (rows, in) and weight (out, in) expected, got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rows_linear runs on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "rows_linear: x must be float32, got ", x.scalar_type());
-  const auto xc = x.contiguous();
-  const auto wc = weight.contiguous();
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  auto y = at::empty({rows, out}, x.options());
-  if (weight.scalar_type() == at::kFloat) {
-    TORCH_CHECK(!scale.has_value(), "rows_linear: an fp32 weight takes no scale");
-    linear(xc.const_data_ptr<float>(), rows, in, wc.const_data_ptr<float>(), nullptr, y.data_ptr<float>(), out);
-  } else {
-    TORCH_CHECK(weight.scalar_type() == at::kChar && scale.has_value() && scale->scalar_type() == at::kFloat &&
-                    scale->numel() == out,
-                "rows_linear: an int8 weight needs one float32 scale per output row");
-    const auto sc = scale->contiguous();
-    linear(xc.const_data_ptr<float>(), rows, in, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
-           y.data_ptr<float>(), out);
+template <typename W>
+void linear(const float* x, int64_t rows, int64_t in, const std::vector<Part<W>>& parts, float* y, int64_t out) {
+  if (rows == 1) return one_row_linear(x, in, parts, y, out);
+  if (rows >= kStreamedRows && rows * in * static_cast<int64_t>(sizeof(float)) <= kStreamedRowsBytes)
+    return streamed_rows_linear(x, rows, in, parts, y, out);
+  tiled_linear(x, rows, in, parts, y, out);
+}
+
+// x times each of `weights` (all fp32, or all int8 with their `scales`), as one (rows, sum of outs) output.
+at::Tensor rows_linear(const at::Tensor& x, at::TensorList weights, at::TensorList scales) {
+  TORCH_CHECK(!weights.empty(), "rows_linear: at least one weight expected");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "rows_linear: x (rows, in), float32 on the CPU expected, got ", x.sizes(), " ", x.scalar_type());
+  const bool fp32 = weights[0].scalar_type() == at::kFloat;
+  TORCH_CHECK(fp32 ? scales.empty() : scales.size() == weights.size(),
+              "rows_linear: fp32 weights take no scales, int8 weights one float32 scale per output row each");
+  int64_t out = 0;
+  std::vector<at::Tensor> ws, ss;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const at::Tensor& w = weights[k];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.device().is_cpu(),
+                "rows_linear: weights (out, in) on the CPU with x's ", x.size(1), " inputs expected, got ",
+                w.sizes());
+    TORCH_CHECK(w.scalar_type() == (fp32 ? at::kFloat : at::kChar),
+                "rows_linear: the weights of one call are all float32 or all int8, got ", weights[0].scalar_type(),
+                " and ", w.scalar_type());
+    if (!fp32)
+      TORCH_CHECK(scales[k].scalar_type() == at::kFloat && scales[k].numel() == w.size(0),
+                  "rows_linear: an int8 weight needs one float32 scale per output row");
+    ws.push_back(w.contiguous());
+    if (!fp32) ss.push_back(scales[k].contiguous());
+    out += w.size(0);
   }
+  const auto xc = x.contiguous();
+  const int64_t rows = x.size(0), in = x.size(1);
+  auto y = at::empty({rows, out}, x.options());
+  if (fp32)
+    linear(xc.const_data_ptr<float>(), rows, in, parts_of<float>(ws, ss), y.data_ptr<float>(), out);
+  else
+    linear(xc.const_data_ptr<float>(), rows, in, parts_of<int8_t>(ws, ss), y.data_ptr<float>(), out);
   return y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(modeling_llama2_kernels, m) {
-  m.def("rows_linear(Tensor x, Tensor weight, Tensor? scale=None) -> Tensor");
+  m.def("rows_linear(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modeling_llama2_kernels, CPU, m) { m.impl("rows_linear", rows_linear); }
