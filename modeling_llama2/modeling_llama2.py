@@ -131,8 +131,8 @@ def apply_rotary_pos_emb(
 def joint_products(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """`linear(x)` for each of `linears` (a layer's q, k and v projections, or gate and up). Linear layers of one
     class that compute several products of one input together say so with a static `joint_forward(x, linears)` (the
-    inference package's CPU linears: a decode step's q, k and v in one kernel call); any others, PEFT's wrapped
-    layers among them, run one by one."""
+    inference package's CPU linears: a decode step's q, k and v in one kernel call, where no layer has hooks); any
+    others, PEFT's wrapped layers among them, run one by one."""
     kind = type(linears[0])
     joint_forward = getattr(kind, "joint_forward", None)
     if joint_forward is not None and all(type(linear) is kind for linear in linears):

@@ -134,3 +134,16 @@ def register_opaque(cls: type) -> type:
     if register_opaque_type is not None:
         register_opaque_type(cls, typ="reference")
     return cls
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling `module` would run hooks beside its forward (its own, or those registered for every module).
+    torch keeps them in private dicts and says nowhere public whether there are any; torch 2.13's names, a missing
+    one taken as a hook (the layer then runs through its own call, as always correct)."""
+    hook_sets = (
+        getattr(module, "_forward_hooks", None),
+        getattr(module, "_forward_pre_hooks", None),
+        getattr(torch.nn.modules.module, "_global_forward_hooks", None),
+        getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None),
+    )
+    return any(hooks is None or len(hooks) > 0 for hooks in hook_sets)

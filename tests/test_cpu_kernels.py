@@ -245,6 +245,37 @@ def test_joint_products_of_linears_of_different_kinds_run_one_by_one():
         torch.testing.assert_close(both[1], plain(x), atol=1e-6, rtol=1e-6)
 
 
+@needs_rows_kernel
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "global"])
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_linears_with_hooks_run_through_their_own_calls(monkeypatch, hook, activations):
+    """accelerate's offloading hooks (or a user's) run only in a layer's own call: no joint call skips them."""
+    torch.manual_seed(0)
+    linears = [use_cpu_kernels(torch.nn.Linear(16, n, bias=False)) for n in (8, 4)]
+    if activations is not None:
+        linears = [Int8Linear.from_linear(linear, activations=activations) for linear in linears]
+    seen = []
+    register = {
+        "forward": lambda: linears[1].register_forward_hook(lambda m, args, out: seen.append(m)),
+        "forward_pre": lambda: linears[1].register_forward_pre_hook(lambda m, args: seen.append(m)),
+        "global": lambda: torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(m)),
+    }[hook]
+    owner = cpu_kernels if activations is None else quantization
+    name = "int8_rows_linear" if activations == "int8" else "rows_linear"
+    kernel, weights = getattr(owner, name), []
+    monkeypatch.setattr(owner, name, lambda x, w, *a, **kw: weights.append(len(w)) or kernel(x, w, *a, **kw))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        joint = joint_products(x, *linears)
+        assert weights == [2] and not seen
+        handle = register()
+        try:
+            assert all(torch.equal(a, b) for a, b in zip(joint_products(x, *linears), joint, strict=True))
+        finally:
+            handle.remove()
+    assert weights == [2, 1, 1] and linears[1] in seen
+
+
 def test_int8_activations_prefill_calls_fbgemm_and_the_compiled_steps_match_eager(model, monkeypatch):
     quantized = quantize_int8(copy.deepcopy(model), activations="int8")
     ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(1))

@@ -194,6 +194,12 @@ def int8_rows_linear(
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def may_join(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
+    """Whether a `joint_forward` computes `linears` on `x` in one rows-kernel call: decode rows (`use_rows_kernel`)
+    and no hooks on the layers (accelerate's offloading, a user's), which only each layer's own call would run."""
+    return use_rows_kernel(x) and not any(torch_internals.has_hooks(linear) for linear in linears)
+
+
 def split_products(y: torch.Tensor, linears: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
     """`y`, the products of `linears` side by side (`rows_linear`, `int8_rows_linear`), as one output per linear,
     its bias added."""
@@ -316,7 +322,7 @@ class CPULinear(nn.Linear):
         """Each of `linears` on `x` (`modeling_llama2.joint_products`): decode rows in one `rows_linear` call for all
         of them, other rows one product each (one row in a compiled graph keeps its fused reduction: inductor's
         loop over one concatenated weight was no faster)."""
-        if use_reduction(x) or not use_rows_kernel(x):
+        if use_reduction(x) or not may_join(x, linears):
             return tuple(linear(x) for linear in linears)
         return split_products(rows_linear(x, [linear.weight for linear in linears]), linears)
 

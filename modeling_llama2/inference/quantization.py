@@ -51,6 +51,7 @@ from .cpu_kernels import (
     PackedWeight,
     fbgemm_int8_linear,
     int8_rows_linear,
+    may_join,
     reduction_linear,
     rows_linear,
     split_products,
@@ -169,7 +170,7 @@ class Int8Linear(nn.Module):
         of them where they round activations alike (with "int8" the same x gives each the same rounding, so the
         outputs are theirs one by one, bit for bit), other rows one product each."""
         activations = {linear.activations for linear in linears}
-        if len(activations) > 1 or not use_rows_kernel(x):
+        if len(activations) > 1 or not may_join(x, linears):
             return tuple(linear(x) for linear in linears)
         weights, scales = [linear.weight for linear in linears], [linear.weight_scale for linear in linears]
         kernel = int8_rows_linear if activations == {"int8"} else rows_linear
