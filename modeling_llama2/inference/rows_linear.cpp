@@ -1,6 +1,7 @@
 // y = x W^T for a few rows of x (decoding: one token, a batch or best-of-N samples), reading every weight once for
-// all rows. MKL's and oneDNN's small-M kernels read the weight at 3-7 GB/s at 8 rows on this project's 2-core x86
-// CPU; these loops keep a tile of weight rows in L1 while all rows of x pass over it, or, where x fits in L1, stream
+// all rows; one call may take several weights of the same x (a layer's q, k and v), their outputs side by side.
+// MKL's and oneDNN's small-M kernels read the weight at 3-7 GB/s at 8 rows on this project's 2-core x86 CPU; these
+// loops keep a tile of weight rows in L1 while all rows of x pass over it, or, where x fits in L1, stream
 // each weight row once past all rows of x (see cpu_kernels.py and benchmarks/README.md for the measurements). The
 // weight is fp32, or int8 with one fp32 scale per output (weight-only: x is not rounded).
 //
@@ -186,13 +187,14 @@ void streamed_rows_linear(const float* x, int64_t rows, int64_t in, const std::v
 template <typename W>
 void tiled_linear(const float* x, int64_t rows, int64_t in, const std::vector<Part<W>>& parts, float* y,
                   int64_t out) {
+  const auto tiles_of = [](const Part<W>& part) { return (part.out + kTile - 1) / kTile; };
   int64_t tiles = 0;
-  for (const Part<W>& part : parts) tiles += (part.out + kTile - 1) / kTile;
+  for (const Part<W>& part : parts) tiles += tiles_of(part);
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(std::is_same_v<W, float> ? 0 : kTile * in);
     int64_t first = 0, column = 0;  // the part's first tile and first column
     for (const Part<W>& part : parts) {
-      const int64_t stop = std::min(end, first + (part.out + kTile - 1) / kTile);
+      const int64_t stop = std::min(end, first + tiles_of(part));
       for (int64_t t = std::max(begin, first); t < stop; ++t) {
         const int64_t o = (t - first) * kTile, n = std::min(kTile, part.out - o);
         const float* tile_w = tile_rows(part.w, o, n, in, buffer);
@@ -207,7 +209,7 @@ void tiled_linear(const float* x, int64_t rows, int64_t in, const std::vector<Pa
             all_rows<1>(x, rows, in, tile_w + a * in, s ? s + a : nullptr, y + column + o + a, out);
         }
       }
-      first += (part.out + kTile - 1) / kTile;
+      first += tiles_of(part);
       column += part.out;
     }
   });
