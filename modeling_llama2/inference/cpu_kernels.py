@@ -122,20 +122,15 @@ def rows_kernel() -> bool:
             )
             _rows_kernel = False
         else:
-            torch.library.register_fake("modeling_llama2_kernels::rows_linear")(_rows_linear_fake)
+            torch.library.register_fake("modeling_llama2_kernels::rows_linear")(_rows_products_fake)
             torch.library.register_fake("modeling_llama2_kernels::one_query_attention")(_one_query_attention_fake)
-            torch.library.register_fake("modeling_llama2_kernels::int8_rows_linear")(_int8_rows_linear_fake)
+            torch.library.register_fake("modeling_llama2_kernels::int8_rows_linear")(_rows_products_fake)
             _rows_kernel = True
     return bool(_rows_kernel)
 
 
-def _rows_linear_fake(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty(x.shape[0], sum(weight.shape[0] for weight in weights))
-
-
-def _int8_rows_linear_fake(
-    x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], levels: int
-) -> torch.Tensor:
+def _rows_products_fake(x: torch.Tensor, weights: list[torch.Tensor], *_) -> torch.Tensor:
+    """The output of `rows_linear` and `int8_rows_linear` (scales and levels do not shape it)."""
     return x.new_empty(x.shape[0], sum(weight.shape[0] for weight in weights))
 
 

@@ -23,10 +23,12 @@
 
 namespace {
 
+using modeling_llama2::call_weights;
 using modeling_llama2::for_rows;
 using modeling_llama2::kPrefetch;
 using modeling_llama2::Part;
 using modeling_llama2::parts_of;
+using modeling_llama2::Weights;
 
 constexpr float kMinScale = 6.1e-5f;  // fbgemm's smallest activation scale, as quantization.MIN_SCALE
 
@@ -114,29 +116,16 @@ inline int32_t dot(const D* d, int64_t in, const int8_t* w) {
 // round(x) times each of `weights` (int8, each with one float32 scale per output row), as one (rows, sum of outs)
 // output.
 at::Tensor int8_rows_linear(const at::Tensor& x, at::TensorList weights, at::TensorList scales, int64_t levels) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
-              "int8_rows_linear: x (rows, in), float32 on the CPU expected, got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(!weights.empty() && scales.size() == weights.size(),
-              "int8_rows_linear: at least one weight, and one scale tensor for each, expected");
+  const Weights call = call_weights("int8_rows_linear", x, weights, scales);
+  TORCH_CHECK(call.int8, "int8_rows_linear: int8 weights expected, got ", weights[0].scalar_type());
   TORCH_CHECK(levels == 127 || levels == 255, "int8_rows_linear: levels is 127 or 255, got ", levels);
   // int32 sums of `in` products of |q - zero point| <= 255 and |w| <= 127 (Llama 2's widest: 28672)
   TORCH_CHECK(x.size(1) <= 65536, "int8_rows_linear: at most 65536 inputs, got ", x.size(1));
-  int64_t out = 0;
-  std::vector<at::Tensor> ws, ss;
-  for (size_t k = 0; k < weights.size(); ++k) {
-    const at::Tensor &w = weights[k], &scale = scales[k];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1),
-                "int8_rows_linear: weights (out, in) with x's ", x.size(1), " inputs expected, got ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0),
-                "int8_rows_linear: an int8 weight and one float32 scale per output row expected");
-    ws.push_back(w.contiguous());
-    ss.push_back(scale.contiguous());
-    out += w.size(0);
-  }
+  const int64_t out = call.out;
   const auto xc = x.contiguous();
   const int64_t rows = x.size(0), in = x.size(1);
   const float* xp = xc.const_data_ptr<float>();
-  const std::vector<Part<int8_t>> parts = parts_of<int8_t>(ws, ss);
+  const std::vector<Part<int8_t>> parts = parts_of<int8_t>(call);
   auto y = at::empty({rows, out}, x.options());
   float* yp = y.data_ptr<float>();
   const Rounding rounding = choose_rounding(xp, rows * in, static_cast<int>(levels));

@@ -145,19 +145,25 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "int8" and use_rows_kernel(x):  # a decode step's rows: fbgemm's numerics, exactly
-            y = int8_rows_linear(x, [self.weight], [self.weight_scale])
+        if use_rows_kernel(x):  # a decode step's rows (with "int8", fbgemm's numerics exactly)
+            y = self.rows_products(x, [self])
         elif self._use_fbgemm(x):
             return fbgemm_int8_linear(x, self._fbgemm_weight(), self.out_features)
         else:
             y = self._float_linear(round_activations(x) if self.activations == "int8" else x)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    @staticmethod
+    def rows_products(x: torch.Tensor, linears: Sequence["Int8Linear"]) -> torch.Tensor:
+        """The products of `linears` (one activations mode) on `x`'s decode rows, side by side, without biases:
+        `int8_rows_linear` with "int8", else the weight-only `rows_linear`."""
+        kernel = int8_rows_linear if linears[0].activations == "int8" else rows_linear
+        return kernel(x, [linear.weight for linear in linears], [linear.weight_scale.to(x.dtype) for linear in linears])
+
     def _float_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x (W_int8 * scale)^T with `x` as given (weight-only, or already rounded where fbgemm cannot run)."""
+        """x (W_int8 * scale)^T with `x` as given (weight-only, or already rounded where fbgemm cannot run), for
+        more rows than the rows kernels take or where they cannot be built."""
         scale = self.weight_scale.to(x.dtype)
-        if use_rows_kernel(x):
-            return rows_linear(x, [self.weight], [scale])
         if use_reduction(x):
             return reduction_linear(x, self.weight) * scale
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
@@ -169,12 +175,9 @@ class Int8Linear(nn.Module):
         """Each of `linears` on `x` (`modeling_llama2.joint_products`): decode rows in one rows-kernel call for all
         of them where they round activations alike (with "int8" the same x gives each the same rounding, so the
         outputs are theirs one by one, bit for bit), other rows one product each."""
-        activations = {linear.activations for linear in linears}
-        if len(activations) > 1 or not may_join(x, linears):
+        if len({linear.activations for linear in linears}) > 1 or not may_join(x, linears):
             return tuple(linear(x) for linear in linears)
-        weights, scales = [linear.weight for linear in linears], [linear.weight_scale for linear in linears]
-        kernel = int8_rows_linear if activations == {"int8"} else rows_linear
-        return split_products(kernel(x, weights, scales), linears)
+        return split_products(Int8Linear.rows_products(x, linears), linears)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_packed": None}  # a copy or a pickle packs its own on first use

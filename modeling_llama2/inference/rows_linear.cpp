@@ -225,36 +225,14 @@ void linear(const float* x, int64_t rows, int64_t in, const std::vector<Part<W>>
 
 // x times each of `weights` (all fp32, or all int8 with their `scales`), as one (rows, sum of outs) output.
 at::Tensor rows_linear(const at::Tensor& x, at::TensorList weights, at::TensorList scales) {
-  TORCH_CHECK(!weights.empty(), "rows_linear: at least one weight expected");
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
-              "rows_linear: x (rows, in), float32 on the CPU expected, got ", x.sizes(), " ", x.scalar_type());
-  const bool fp32 = weights[0].scalar_type() == at::kFloat;
-  TORCH_CHECK(fp32 ? scales.empty() : scales.size() == weights.size(),
-              "rows_linear: fp32 weights take no scales, int8 weights one float32 scale per output row each");
-  int64_t out = 0;
-  std::vector<at::Tensor> ws, ss;
-  for (size_t k = 0; k < weights.size(); ++k) {
-    const at::Tensor& w = weights[k];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.device().is_cpu(),
-                "rows_linear: weights (out, in) on the CPU with x's ", x.size(1), " inputs expected, got ",
-                w.sizes());
-    TORCH_CHECK(w.scalar_type() == (fp32 ? at::kFloat : at::kChar),
-                "rows_linear: the weights of one call are all float32 or all int8, got ", weights[0].scalar_type(),
-                " and ", w.scalar_type());
-    if (!fp32)
-      TORCH_CHECK(scales[k].scalar_type() == at::kFloat && scales[k].numel() == w.size(0),
-                  "rows_linear: an int8 weight needs one float32 scale per output row");
-    ws.push_back(w.contiguous());
-    if (!fp32) ss.push_back(scales[k].contiguous());
-    out += w.size(0);
-  }
+  const Weights call = call_weights("rows_linear", x, weights, scales);
   const auto xc = x.contiguous();
   const int64_t rows = x.size(0), in = x.size(1);
-  auto y = at::empty({rows, out}, x.options());
-  if (fp32)
-    linear(xc.const_data_ptr<float>(), rows, in, parts_of<float>(ws, ss), y.data_ptr<float>(), out);
+  auto y = at::empty({rows, call.out}, x.options());
+  if (call.int8)
+    linear(xc.const_data_ptr<float>(), rows, in, parts_of<int8_t>(call), y.data_ptr<float>(), call.out);
   else
-    linear(xc.const_data_ptr<float>(), rows, in, parts_of<int8_t>(ws, ss), y.data_ptr<float>(), out);
+    linear(xc.const_data_ptr<float>(), rows, in, parts_of<float>(call), y.data_ptr<float>(), call.out);
   return y;
 }
 

@@ -44,14 +44,48 @@ struct Part {
   int64_t out;
 };
 
-// The parts of `weights` (each (out, in), contiguous, of element type W) and their `scales` (none, or one per
-// weight).
+// The weights of one call on x (rows, in), checked and made contiguous (`op` names the kernel in its errors):
+// (out, in) each, on the CPU, all float32 or all int8, an int8 one with one float32 scale per row, a float32 one
+// with none; `out` is their rows together, the columns of the call's output.
+struct Weights {
+  std::vector<at::Tensor> w, scale;
+  int64_t out = 0;
+  bool int8 = false;
+};
+
+inline Weights call_weights(const char* op, const at::Tensor& x, at::TensorList weights, at::TensorList scales) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kFloat, op,
+              ": x (rows, in), float32 on the CPU expected, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(!weights.empty(), op, ": at least one weight expected");
+  Weights call;
+  call.int8 = weights[0].scalar_type() == at::kChar;
+  TORCH_CHECK(call.int8 ? scales.size() == weights.size() : scales.empty(), op,
+              ": int8 weights take one scale tensor for each, float32 weights none");
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const at::Tensor& w = weights[k];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.device().is_cpu(), op,
+                ": weights (out, in) on the CPU with x's ", x.size(1), " inputs expected, got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == (call.int8 ? at::kChar : at::kFloat), op,
+                ": the weights of one call are all float32 or all int8, got ", weights[0].scalar_type(), " and ",
+                w.scalar_type());
+    if (call.int8) {
+      TORCH_CHECK(scales[k].scalar_type() == at::kFloat && scales[k].numel() == w.size(0), op,
+                  ": an int8 weight needs one float32 scale per output row");
+      call.scale.push_back(scales[k].contiguous());
+    }
+    call.w.push_back(w.contiguous());
+    call.out += w.size(0);
+  }
+  return call;
+}
+
+// The parts of a call's weights, of element type W.
 template <typename W>
-std::vector<Part<W>> parts_of(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& scales) {
+std::vector<Part<W>> parts_of(const Weights& call) {
   std::vector<Part<W>> parts;
-  for (size_t k = 0; k < weights.size(); ++k)
-    parts.push_back({weights[k].const_data_ptr<W>(), scales.empty() ? nullptr : scales[k].const_data_ptr<float>(),
-                     weights[k].size(0)});
+  for (size_t k = 0; k < call.w.size(); ++k)
+    parts.push_back({call.w[k].const_data_ptr<W>(), call.int8 ? call.scale[k].const_data_ptr<float>() : nullptr,
+                     call.w[k].size(0)});
   return parts;
 }
 
