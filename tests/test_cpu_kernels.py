@@ -211,16 +211,23 @@ def test_weight_only_int8_compiled_step_at_one_row_is_the_dequantized_model(mode
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
+def spy_rows_kernel(monkeypatch, activations: str | None) -> list[int]:
+    """The number of weights of each call to the rows kernel that linears of `activations` take (None: fp32 CPU
+    kernels), recorded as they run."""
+    owner = cpu_kernels if activations is None else quantization
+    name = "int8_rows_linear" if activations == "int8" else "rows_linear"
+    kernel, weights = getattr(owner, name), []
+    monkeypatch.setattr(owner, name, lambda x, w, *a, **kw: weights.append(len(w)) or kernel(x, w, *a, **kw))
+    return weights
+
+
 @needs_rows_kernel
 @pytest.mark.parametrize("activations", [None, "float", "int8"])  # fp32 CPU kernels, int8 weight-only, int8 acts
 def test_decode_steps_take_q_k_v_and_gate_up_in_one_kernel_call_each(model, monkeypatch, activations):
     fast = use_cpu_kernels(copy.deepcopy(model))
     if activations is not None:
         fast = quantize_int8(fast, activations=activations)
-    owner = cpu_kernels if activations is None else quantization
-    name = "int8_rows_linear" if activations == "int8" else "rows_linear"
-    kernel, weights = getattr(owner, name), []
-    monkeypatch.setattr(owner, name, lambda x, w, *a, **kw: weights.append(len(w)) or kernel(x, w, *a, **kw))
+    weights = spy_rows_kernel(monkeypatch, activations)
     ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         step = fast(ids[:, :1]).logits  # two rows: the rows kernels
@@ -260,10 +267,7 @@ def test_linears_with_hooks_run_through_their_own_calls(monkeypatch, hook, activ
         "forward_pre": lambda: linears[1].register_forward_pre_hook(lambda m, args: seen.append(m)),
         "global": lambda: torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(m)),
     }[hook]
-    owner = cpu_kernels if activations is None else quantization
-    name = "int8_rows_linear" if activations == "int8" else "rows_linear"
-    kernel, weights = getattr(owner, name), []
-    monkeypatch.setattr(owner, name, lambda x, w, *a, **kw: weights.append(len(w)) or kernel(x, w, *a, **kw))
+    weights = spy_rows_kernel(monkeypatch, activations)
     x = torch.randn(2, 16)
     with torch.no_grad():
         joint = joint_products(x, *linears)
