@@ -35,6 +35,8 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
   at 8-16 rows), or, from 8 rows whose x fits in 24 KB (the 15M shape's 288 inputs), each weight row streams once
   past 8 rows of x at a time, an int8 one converted as it is loaded (fp32 1.05-1.39x the tiles, decode b=8 at 15M
   1.19x [0.85, 1.34]; int8 1.29-1.46x a converted copy of the row, decode b=8 at 15M 1.12x [1.01, 1.34]).
+  With AVX-512 one row reads 16 lanes a vector, half the instructions per weight (weight-only int8 decode b=1 at
+  15M 1.34x [1.21, 1.57], paired; 125M, from memory, 1.00x).
   Int8 weights take it at one row too, also inside the compiled step (`quantization.Int8Linear`); fp32 ones keep
   the fused reduction there (the rows kernel instead: 0.84x [0.73, 0.93] at 15M, 1.03x [0.93, 1.05] at 125M,
   decode b=1).
@@ -53,7 +55,8 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
 With int8 activations (`quantization.Int8Linear`, activations="int8"), up to `MAX_KERNEL_ROWS` rows go to
 `int8_rows_linear.cpp` (`int8_rows_linear`): x rounded as fbgemm rounds it, the 8-bit products summed exactly, so
 the result is fbgemm's bit for bit, without fbgemm's per-call cost (decode, paired: 3.5x at batch 1 and 1.9x at
-batch 8 on the 15M shape, 2.3x and 1.5x at 125M).
+batch 8 on the 15M shape, 2.3x and 1.5x at 125M); on a CPU with VNNI several rows sum their products with
+dpbusd, exactly: decode b=8, eager, 1.15x [1.04, 1.27] at 15M and 1.34x [1.22, 1.51] at 125M the int16 loop).
 
 Attention of one query token (a decode step) goes to `one_query_attention.cpp` (`one_token_attention`, through
 `Llama2Attention.one_token_attention`), built into the same extension: CPU flash attention's setup for one query
