@@ -3,12 +3,14 @@
     python benchmarks/gpu_check.py [--rounds 5] [--new-tokens 128]
 
 Checks, each printed as a line: parity with transformers' `LlamaForCausalLM` (fp32 logits, bf16 greedy tokens
-with left padding) for every attention implementation the registry offers here; the static cache; the compiled
+with left padding) for every attention implementation the registry offers here; the routed static cache (greedy, seeded
+sampling); the compiled
 `decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the compiled graph); the causal-LM
 loss against transformers' on bf16 logits (value, gradient, peak memory, time); an SFT step under accelerate's FSDP
 (`llama2-sft --fsdp`, launched by torchrun on two GPUs when there are two or more, else on one), with the sharding
 it applied. Then times bf16 decode on the 125M GQA shape against transformers' default and static + compiled
-`generate`. Without a CUDA device it says so and exits (status 0): there is nothing to check.
+`generate`, and the same model through its routed `generate(cache_implementation="static")`. Without a CUDA device
+it says so and exits (status 0): there is nothing to check.
 """
 
 import argparse
@@ -94,7 +96,16 @@ def static_cache() -> str:
     ids = torch.randint(3, 1000, (2, 16), device="cuda")
     mask = torch.ones_like(ids)
     same = torch.equal(greedy(ours, ids, mask, 32), greedy(ours, ids, mask, 32, cache_implementation="static"))
-    return f"static cache tokens == dynamic cache tokens: {same}"
+
+    def sampled(**kwargs) -> torch.Tensor:
+        torch.manual_seed(0)
+        return ours.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=True, top_k=50, top_p=0.9,
+            temperature=0.8, pad_token_id=0, **kwargs,
+        )  # fmt: skip
+
+    seeded = torch.equal(sampled(), sampled(cache_implementation="static"))
+    return f"static cache (routed, compiled) tokens == dynamic cache tokens: greedy {same}, seeded sampling {seeded}"
 
 
 def compiled_decoding() -> str:
@@ -181,7 +192,10 @@ def speed(rounds: int, new: int) -> None:
             "transformers static + compiled": lambda: greedy(
                 ref, ids, mask, new, min_new_tokens=new, cache_implementation="static", compile_config=compiled
             ),
-            "ours decoding.generate": lambda: decoding.generate(ours, ids, new, max_cache_len=16 + new),
+            "ours generate, static (routed)": lambda: greedy(
+                ours, ids, mask, new, min_new_tokens=new, cache_implementation="static"
+            ),
+            "ours decoding.generate": lambda: decoding.generate(ours, ids, max_new_tokens=new, max_cache_len=16 + new),
         }
         base = None
         for name, fn in variants.items():
