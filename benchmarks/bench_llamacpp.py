@@ -17,12 +17,16 @@ Workloads, each the same forward passes on both sides (a prompt's pass yields th
 - decode b=8: 8 prompts of 16 + 128 new tokens each; ours `decoding.generate` on 8 rows, llama.cpp
   `llama-batched-bench -npp 16 -ntg 127 -npl 8`, tok/s = 8 x 128 / (T_PP + T_TG) (its S_TG, the decode steps
   alone, is printed beside).
-Ours: fp32 through `cpu_kernels.use_cpu_kernels`, and `quantization.quantize_int8` in both activation modes; llama.cpp:
-f32 and q8_0 (its q8_0 products also round the activations to 8 bits, in blocks of 32). Each round runs every
-variant once per workload in a rotated order, after `timing.wait_until_quiet`, llama.cpp as a subprocess with
-`-r 1` (its model load and warm-up untimed); ratios ours / llama.cpp (fp32 / f32, int8 / q8_0) are per round,
-reported as median [95% interval of the median]. "of bandwidth": weight bytes per token (all but the token
-embedding) x tok/s / read bandwidth measured in each round (bench_decode's `memory_bandwidth`).
+Ours: fp32 through `cpu_kernels.use_cpu_kernels`, and `quantization.quantize_int8` in both activation modes;
+llama.cpp: f32 and q8_0 (its q8_0 products also round the activations to 8 bits, in blocks of 32). Each round runs
+every variant once per workload in a rotated order, after `timing.wait_until_quiet`, llama.cpp as a subprocess with
+`-r 1` (its model load and warm-up untimed). Each of our timed calls follows the same warm-up, untimed: the prompt
+and one decode step for a decode (llama-bench's warm-up of `-pg`: the prompt pass and one token; llama-batched-
+bench's: a 16-token pass), the whole prompt for a prefill (llama-bench's of `-p`): without it our call was the first
+after llama.cpp's process and the wait, with cold caches, and llama.cpp's was not. Ratios ours / llama.cpp (fp32 /
+f32, int8 / q8_0) are per round, reported as median [95% interval of the median]. "of bandwidth": weight bytes per
+token (all but the token embedding) x tok/s / read bandwidth measured in each round (bench_decode's
+`memory_bandwidth`).
 """
 
 import argparse
@@ -207,8 +211,11 @@ def llama_cpp_workloads(paths: dict[str, Path], ggufs: dict[str, Path], threads:
     }
 
 
-def timed(fn):
+def timed(fn, warm_up=None):
+    """A callable timing one call of `fn` (seconds), after one untimed call of `warm_up` (default: `fn`)."""
+
     def run() -> float:
+        (warm_up or fn)()
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
@@ -255,9 +262,15 @@ def main() -> None:
     info = {}
     workloads = llama_cpp_workloads(paths, ggufs, args.threads, info)
     for variant, model in models.items():
-        workloads["decode b=1"][variant] = timed(lambda m=model: decoding.generate(m, prompt[1], max_new_tokens=NEW))
+        for workload, rows in (("decode b=1", 1), ("decode b=8", ROWS)):
+            workloads[workload][variant] = timed(
+                lambda m=model, p=prompt[rows]: decoding.generate(m, p, max_new_tokens=NEW),
+                # the timed call's cache length, so the same compiled step
+                warm_up=lambda m=model, p=prompt[rows]: decoding.generate(
+                    m, p, max_new_tokens=2, max_cache_len=PROMPT + NEW
+                ),
+            )
         workloads["prefill 1x512"][variant] = timed(lambda m=model: m(long_prompt, use_cache=True, logits_to_keep=1))
-        workloads["decode b=8"][variant] = timed(lambda m=model: decoding.generate(m, prompt[ROWS], max_new_tokens=NEW))
     fp32 = models["ours fp32 cpu kernels"]
     workloads["prefill 1x512"][COMPILED_PREFILL] = timed(lambda: decoding.run_prompt(fp32, long_prompt, compile=True))
     step_bytes[COMPILED_PREFILL] = step_bytes["ours fp32 cpu kernels"]
