@@ -21,11 +21,11 @@ Ours: fp32 through `cpu_kernels.use_cpu_kernels`, and `quantization.quantize_int
 llama.cpp: f32 and q8_0 (its q8_0 products also round the activations to 8 bits, in blocks of 32). Each round runs
 every variant once per workload in a rotated order, after `timing.wait_until_quiet`, llama.cpp as a subprocess with
 `-r 1` (its model load and warm-up untimed). Each of our timed calls follows the same warm-up, untimed: the prompt
-and one decode step for a decode (llama-bench's warm-up of `-pg`: the prompt pass and one token; llama-batched-
-bench's: a 16-token pass), the whole prompt for a prefill (llama-bench's of `-p`): without it our call was the first
-after llama.cpp's process and the wait, with cold caches, and llama.cpp's was not. Ratios ours / llama.cpp (fp32 /
-f32, int8 / q8_0) are per round, reported as median [95% interval of the median]. "of bandwidth": weight bytes per
-token (all but the token embedding) x tok/s / read bandwidth measured in each round (bench_decode's
+and one decode step for a decode (llama-bench's warm-up of `-pg`: the prompt pass and one token;
+llama-batched-bench's: a 16-token pass), the whole prompt for a prefill (llama-bench's of `-p`): without it our call
+was the first after llama.cpp's process and the wait, with cold caches, and llama.cpp's was not. Ratios ours /
+llama.cpp (fp32 / f32, int8 / q8_0) are per round, reported as median [95% interval of the median]. "of bandwidth":
+weight bytes per token (all but the token embedding) x tok/s / read bandwidth measured in each round (bench_decode's
 `memory_bandwidth`).
 """
 

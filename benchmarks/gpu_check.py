@@ -2,15 +2,15 @@
 
     python benchmarks/gpu_check.py [--rounds 5] [--new-tokens 128]
 
-Checks, each printed as a line: parity with transformers' `LlamaForCausalLM` (fp32 logits, bf16 greedy tokens
-with left padding) for every attention implementation the registry offers here; the routed static cache (greedy, seeded
-sampling); the compiled
-`decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the compiled graph); the causal-LM
-loss against transformers' on bf16 logits (value, gradient, peak memory, time); an SFT step under accelerate's FSDP
-(`llama2-sft --fsdp`, launched by torchrun on two GPUs when there are two or more, else on one), with the sharding
-it applied. Then times bf16 decode on the 125M GQA shape against transformers' default and static + compiled
-`generate`, and the same model through its routed `generate(cache_implementation="static")`. Without a CUDA device
-it says so and exits (status 0): there is nothing to check.
+Checks, each printed as a line: parity with transformers' `LlamaForCausalLM` (fp32 logits, bf16 greedy tokens with
+left padding) for every attention implementation the registry offers here; the routed static cache (greedy, seeded
+sampling); the compiled `decoding.generate` against `generate`; int8 weights (dequantize + `linear` inside the
+compiled graph); the causal-LM loss against transformers' on bf16 logits (value, gradient, peak memory, time); an
+SFT step under accelerate's FSDP (`llama2-sft --fsdp`, launched by torchrun on two GPUs when there are two or more,
+else on one), with the sharding it applied. Then times bf16 decode on the 125M GQA shape against transformers'
+default and static + compiled `generate`, and the same model through its routed
+`generate(cache_implementation="static")`. Without a CUDA device it says so and exits (status 0): there is nothing
+to check.
 """
 
 import argparse
