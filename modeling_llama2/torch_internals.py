@@ -147,3 +147,18 @@ def has_hooks(module: torch.nn.Module) -> bool:
         getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None),
     )
     return any(hooks is None or len(hooks) > 0 for hooks in hook_sets)
+
+
+def aoti_compile(program: torch.export.ExportedProgram):
+    """`program` compiled by AOTInductor and loaded, its weights and buffers left out of the library (to be bound
+    with `load_constants`, not copied). AOTInductor's entry points live in the private `torch._inductor`, as do the
+    option that keeps the constants out."""
+    with torch._inductor.config.patch({"aot_inductor.package_constants_in_so": False}):
+        path = torch._inductor.aoti_compile_and_package(program)
+    return torch._inductor.aoti_load_package(path)
+
+
+def aoti_run(runner, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The single output of a loaded AOTInductor program for its flat tensor `inputs`: the loader's own call, without
+    the public wrapper's per-call parsing of the input and output specs."""
+    return runner.loader.boxed_run(inputs)[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_llama2 import Llama2ForCausalLM
+from modeling_llama2 import Llama2ForCausalLM, torch_internals
 from modeling_llama2.inference import decoding
 
 from .alignment_helpers import TINY, make_tokenizer, tiny_config
@@ -43,10 +43,30 @@ def cheap_compile(monkeypatch):
     """Compile the decode step with dynamo alone (the `eager` backend runs the captured graph): the same graph capture,
     graph breaks (`fullgraph`), guards and recompiles, without AOTAutograd's tracing or inductor's seconds of C++
     compilation per graph (measured: 2.7 s against 3.6 s with `aot_eager` and about 30 s with inductor for the first
-    graph). For tests of the decode loop's logic; the tests of the kernels themselves keep inductor."""
+    graph). For tests of the decode loop's logic; the tests of the kernels themselves keep inductor. The step
+    compiled ahead of time (AOTInductor, on a CPU) is left out: it is the same step through C++ code generation."""
     step = torch.compile(decoding.decode_step, backend="eager", fullgraph=True, dynamic=False)
     monkeypatch.setattr(decoding, "compiled_decode_step", step)
     monkeypatch.setattr(decoding, "cpu_compiled_decode_step", step)
+    monkeypatch.setattr(decoding, "ahead_of_time_step", lambda *args: None)
+
+
+@pytest.fixture
+def torch_compile_step(monkeypatch):
+    """Decode through the `torch.compile` step (with inductor) where the CPU would take the step compiled ahead of
+    time: the path of accelerators, shared-prefix caches and models `torch.export` cannot capture."""
+    monkeypatch.setattr(decoding, "ahead_of_time_step", lambda *args: None)
+
+
+@pytest.fixture
+def aot_compiles(monkeypatch) -> list:
+    """The programs compiled ahead of time while the test runs (AOTInductor), one entry each."""
+    compiles = []
+    compile_program = torch_internals.aoti_compile
+    monkeypatch.setattr(
+        torch_internals, "aoti_compile", lambda program: compiles.append(program) or compile_program(program)
+    )
+    return compiles
 
 
 @pytest.fixture

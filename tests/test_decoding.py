@@ -1,7 +1,8 @@
 """Fast decoding: the compiled static-cache step against `generate`, EOS handling, and shared-prefix best-of-N.
 
-Compiling on a CPU takes seconds, so one test compiles the real step with inductor; the tests of the loop's logic
-compile it without inductor's code generation (`cheap_compile`) or run it eagerly (`compile=False`)."""
+Compiling on a CPU takes seconds, so one test compiles the real `torch.compile` step with inductor (the CPU's step
+compiled ahead of time has its own tests, `test_ahead_of_time.py`); the tests of the loop's logic compile it without
+inductor's code generation (`cheap_compile`) or run it eagerly (`compile=False`)."""
 
 import contextlib
 
@@ -38,7 +39,7 @@ def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
     )
 
 
-def test_compiled_greedy_matches_generate_without_recompiling(model, every_guard):
+def test_compiled_greedy_matches_generate_without_recompiling(model, every_guard, torch_compile_step):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()  # reset() keeps the counts of earlier tests

@@ -126,6 +126,7 @@ def rows_kernel() -> bool:
             _rows_kernel = False
         else:
             torch.library.register_fake("modeling_llama2_kernels::rows_linear")(_rows_products_fake)
+            torch.library.register_fake("modeling_llama2_kernels::float_rows_linear")(_rows_products_fake)
             torch.library.register_fake("modeling_llama2_kernels::one_query_attention")(_one_query_attention_fake)
             torch.library.register_fake("modeling_llama2_kernels::int8_rows_linear")(_rows_products_fake)
             _rows_kernel = True
@@ -133,7 +134,7 @@ def rows_kernel() -> bool:
 
 
 def _rows_products_fake(x: torch.Tensor, weights: list[torch.Tensor], *_) -> torch.Tensor:
-    """The output of `rows_linear` and `int8_rows_linear` (scales and levels do not shape it)."""
+    """The output of the rows kernels' ops (scales and levels do not shape it)."""
     return x.new_empty(x.shape[0], sum(weight.shape[0] for weight in weights))
 
 
@@ -168,7 +169,11 @@ def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequen
     """`x @ W^T` for each of `weights` (times its `scales` per output, for int8 weights), side by side in one
     output, through `rows_linear.cpp`, which reads each weight once for all rows of `x`: several weights (a layer's
     q, k and v) in one call and one parallel region."""
-    y = torch.ops.modeling_llama2_kernels.rows_linear(x.reshape(-1, x.shape[-1]), list(weights), list(scales))
+    flat = x.reshape(-1, x.shape[-1])
+    if scales:
+        y = torch.ops.modeling_llama2_kernels.rows_linear(flat, list(weights), list(scales))
+    else:
+        y = torch.ops.modeling_llama2_kernels.float_rows_linear(flat, list(weights))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -5,8 +5,9 @@ Decoding one token at a time reads every weight once per step, and on small mode
 step (transformers' `generate` adds logits processors, stopping criteria and cache bookkeeping) costs as much
 as the matrix products. Here the prompt is prefilled into a `DynamicCache` (no wasted attention over empty slots;
 eagerly, or compiled with dynamic shapes once for all prompt lengths), its keys and values are copied into a
-`StaticCache`, and the decode step (forward, temperature, sampling) is one `torch.compile(fullgraph=True)` graph
-of fixed shapes.
+`StaticCache`, and the decode step (forward, temperature, sampling) is one graph of fixed shapes: on a CPU compiled
+ahead of time (`ahead_of_time`: each token one call into compiled C++), elsewhere, and for what `torch.export`
+cannot capture, one `torch.compile(fullgraph=True)` graph.
 
 `sample_n` prefills each prompt once and keeps its keys and values once for its N samples (`SharedPrefixCache`;
 also `generate(num_return_sequences=N, cache_implementation="static")`), where transformers' own loop prefills N
@@ -22,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from .. import torch_internals
 from ..modeling_llama2 import check_generation_length
+from . import ahead_of_time
 from .cpu_kernels import kernel_takes
 
 T = TypeVar("T")
@@ -111,6 +113,43 @@ def compiled_step(model: PreTrainedModel, device: torch.device, rows: int) -> Ca
         return _cuda_graph_step
     packs_in_step = torch_internals.holds_opaque(model) and not kernel_takes(rows)
     return compiled_decode_step if packs_in_step else cpu_compiled_decode_step
+
+
+def ahead_of_time_step(
+    model: PreTrainedModel,
+    cache: StaticCache,
+    tokens: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> Callable[..., torch.Tensor] | None:
+    """The decode step compiled ahead of time (`ahead_of_time`), with `decode_step`'s arguments, on a CPU, over a
+    plain `StaticCache`, for a model whose step `torch.export` can capture and as many rows as the rows kernels take
+    (beyond, the CPU linears call oneDNN and fbgemm through Python ops, which compiled C++ cannot); None elsewhere
+    (then the `torch.compile` step). It advances the cache's filled length itself, as the compiled step leaves it."""
+    if (
+        tokens.device.type != "cpu"
+        or type(cache) is not StaticCache
+        or not kernel_takes(tokens.shape[0])
+        or not ahead_of_time.exportable(model)
+    ):
+        return None
+    compiled = ahead_of_time.compile_step(
+        decode_step, model, cache, tokens, settings=(temperature, top_p), position_ids=position_ids,
+        attention_mask=attention_mask,
+    )  # fmt: skip
+    if compiled is None:
+        return None
+    lengths = [layer.cumulative_length for layer in cache.layers]
+
+    def step(model, tokens, cache, temperature, top_p, position_ids, attention_mask) -> torch.Tensor:
+        next_tokens = compiled(tokens, lengths[0], position_ids, attention_mask)
+        for length in lengths:
+            length.add_(1)
+        return next_tokens
+
+    return step
 
 
 def guarded_once(step: Callable[..., T]) -> Callable[..., T]:
@@ -360,12 +399,15 @@ def decode(
             f"{max_new_tokens} new tokens: prefill with a `max_cache_len` of at least {filled + max_new_tokens}."
         )
     check_generation_length(model.config, prompt + filled, max_new_tokens)
-    step = guarded_once(compiled_step(model, logits.device, logits.shape[0])) if compile else decode_step
     check_every = 1 if logits.device.type == "cpu" else 16
     tokens = select_next(logits, temperature, top_p)
     positions, slots_mask = (None, None) if attention_mask is None else padded_step_inputs(attention_mask, cache)
     if shared:  # the slots count from 0, the positions from each prompt's end
         positions = cache.next_positions + filled
+    step = decode_step
+    if compile:
+        step = ahead_of_time_step(model, cache, tokens, temperature, top_p, positions, slots_mask)
+        step = step or guarded_once(compiled_step(model, logits.device, logits.shape[0]))
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     with torch_internals.recompile_limit(MAX_COMPILED_STEPS):

@@ -265,10 +265,17 @@ at::Tensor rows_linear(const at::Tensor& x, at::TensorList weights, at::TensorLi
   return y;
 }
 
+// fp32 weights alone: an op of their own, as AOTInductor's generated code passes an empty list of scales as None.
+at::Tensor float_rows_linear(const at::Tensor& x, at::TensorList weights) { return rows_linear(x, weights, {}); }
+
 }  // namespace
 
 TORCH_LIBRARY(modeling_llama2_kernels, m) {
   m.def("rows_linear(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor");
+  m.def("float_rows_linear(Tensor x, Tensor[] weights) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(modeling_llama2_kernels, CPU, m) { m.impl("rows_linear", rows_linear); }
+TORCH_LIBRARY_IMPL(modeling_llama2_kernels, CPU, m) {
+  m.impl("rows_linear", rows_linear);
+  m.impl("float_rows_linear", float_rows_linear);
+}

@@ -1,0 +1,146 @@
+"""The decode step compiled ahead of time (AOTInductor) on the CPU: the tokens of `generate`, one compile per
+signature, bound to the model's and the cache's own tensors, and the fallbacks to the `torch.compile` step."""
+
+import copy
+
+import pytest
+import torch
+
+from modeling_llama2 import Llama2ForCausalLM, torch_internals
+from modeling_llama2.inference import ahead_of_time, decoding
+from modeling_llama2.inference.decoding import decode, generate, prefill
+
+from .alignment_helpers import prompts, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Llama2ForCausalLM(tiny_config()).eval()
+
+
+def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
+    return model.generate(
+        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs
+    )
+
+
+@pytest.fixture
+def cheap_torch_compile(monkeypatch):
+    """The `torch.compile` step without inductor (`cheap_compile`), the step compiled ahead of time left on."""
+    step = torch.compile(decoding.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(decoding, "compiled_decode_step", step)
+    monkeypatch.setattr(decoding, "cpu_compiled_decode_step", step)
+
+
+@pytest.fixture
+def aot_calls(monkeypatch) -> list:
+    """The flat inputs of every call of a step compiled ahead of time."""
+    calls = []
+    run = torch_internals.aoti_run
+    monkeypatch.setattr(
+        torch_internals, "aoti_run", lambda runner, inputs: calls.append(len(inputs)) or run(runner, inputs)
+    )
+    return calls
+
+
+def test_greedy_matches_generate_with_one_compile_for_every_prompt_and_cache(model, aot_compiles, aot_calls):
+    for seed in range(3):  # new prompts and caches of the same shape reuse the compiled step
+        ids = prompts(2, 7, seed)
+        out = generate(model, ids, max_new_tokens=20, max_cache_len=64)
+        assert torch.equal(out, reference(model, ids, 20))
+    assert len(aot_compiles) == 1
+    assert aot_calls == [2] * 19 * 3  # tokens and the filled length, each step but the first token's
+
+
+def test_left_padded_prompts_match_generate(model, aot_calls):
+    ids = prompts(3, 9, seed=4)
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate([0, 4, 2]):
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    out = generate(model, ids, max_new_tokens=16, attention_mask=mask)
+    assert torch.equal(out, reference(model, ids, 16, attention_mask=mask))
+    assert aot_calls == [4] * 15  # the positions and the slots' mask too
+
+
+def test_decode_leaves_the_cache_filled_as_the_eager_step_does(model):
+    ids = prompts(1, 6, seed=2)
+    caches = []
+    for compile in (True, False):
+        logits, cache = prefill(model, ids, 20)
+        out = decode(model, logits, cache, max_new_tokens=9, compile=compile)
+        caches.append(cache)
+    for aot, eager in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert int(aot.cumulative_length) == int(eager.cumulative_length) == 6 + 8
+        torch.testing.assert_close(aot.keys, eager.keys, atol=1e-5, rtol=1e-5)
+    assert out.shape == (1, 9)
+
+
+def test_seeded_samples_repeat_and_follow_the_settings(model):
+    ids = prompts(2, 5, seed=3)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(generate(model, ids, max_new_tokens=24, temperature=1.0))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert not torch.equal(outs[0], generate(model, ids, max_new_tokens=24))  # sampled, not greedy
+    # A nucleus below the most likely token's probability is greedy.
+    assert torch.equal(
+        generate(model, ids, max_new_tokens=24, temperature=1.0, top_p=1e-6), generate(model, ids, max_new_tokens=24)
+    )
+
+
+def test_new_weights_of_the_same_shapes_are_read_not_the_old_ones(model, aot_compiles):
+    changed = copy.deepcopy(model)
+    ids = prompts(1, 6, seed=5)
+    generate(changed, ids, max_new_tokens=10)
+    with torch.no_grad():  # new tensors, not an in-place copy: the compiled step must not keep the old ones
+        changed.lm_head.weight = torch.nn.Parameter(torch.randn_like(changed.lm_head.weight))
+        changed.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(
+            torch.randn_like(changed.model.layers[0].mlp.down_proj.weight)
+        )
+    assert torch.equal(
+        generate(changed, ids, max_new_tokens=10), generate(changed, ids, max_new_tokens=10, compile=False)
+    )
+    assert len(aot_compiles) == 1  # same shapes: the same compiled step, bound to the new tensors
+
+
+def test_a_model_with_hooks_takes_the_torch_compile_step(model, aot_compiles, cheap_torch_compile):
+    hooked = copy.deepcopy(model)  # a capture would run the hook once, at capture time, and never in a step
+    hooked.model.layers[0].register_forward_hook(lambda module, args, output: None)
+    assert not ahead_of_time.exportable(hooked) and ahead_of_time.exportable(model)
+    ids = prompts(1, 4, seed=1)
+    assert torch.equal(generate(hooked, ids, max_new_tokens=5), reference(model, ids, 5))
+    assert aot_compiles == []
+
+
+def test_a_step_export_refuses_falls_back_with_a_warning(model, monkeypatch, cheap_torch_compile):
+    other = copy.deepcopy(model)  # its own compiled steps
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot capture this")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    ids = prompts(1, 4, seed=6)
+    logits, cache = prefill(other, ids, 10)
+    keys = [layer.keys for layer in cache.layers]
+    with pytest.warns(UserWarning, match="could not be compiled ahead of time .*cannot capture this"):
+        out = decode(other, logits, cache, max_new_tokens=6)
+    assert torch.equal(torch.cat([ids, out], 1), reference(model, ids, 6))
+    assert all(layer.keys is k for layer, k in zip(cache.layers, keys, strict=True))  # tracing's stand-ins undone
+
+
+def test_two_caches_of_one_compiled_step_keep_their_own_tensors(model, aot_compiles):
+    loops = []
+    for seed in (8, 9):
+        prompt = prompts(1, 5, seed=seed)
+        logits, cache = prefill(model, prompt, 16)
+        tokens = decoding.select_next(logits, 0.0)
+        step = decoding.ahead_of_time_step(model, cache, tokens, 0.0, 1.0, None, None)
+        loops.append({"step": step, "cache": cache, "tokens": [tokens], "want": reference(model, prompt, 6)[0, 5:]})
+    for _ in range(5):  # the two loops' steps interleaved, one compiled step between them
+        for loop in loops:
+            loop["tokens"].append(loop["step"](model, loop["tokens"][-1], loop["cache"], 0.0, 1.0, None, None))
+    for loop in loops:
+        assert torch.equal(torch.cat(loop["tokens"]), loop["want"])
+    assert len(aot_compiles) == 1
