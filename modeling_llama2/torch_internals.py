@@ -149,13 +149,17 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return any(hooks is None or len(hooks) > 0 for hooks in hook_sets)
 
 
-def aoti_compile(program: torch.export.ExportedProgram):
-    """`program` compiled by AOTInductor and loaded, its weights and buffers left out of the library (to be bound
-    with `load_constants`, not copied). AOTInductor's entry points live in the private `torch._inductor`, as do the
+def aoti_compile(program: torch.export.ExportedProgram, path) -> str:
+    """`program` compiled by AOTInductor into a package at `path`, its weights and buffers left out (to be bound with
+    `load_constants`, not copied). AOTInductor's entry points live in the private `torch._inductor`, as does the
     option that keeps the constants out."""
     with torch._inductor.config.patch({"aot_inductor.package_constants_in_so": False}):
-        path = torch._inductor.aoti_compile_and_package(program)
-    return torch._inductor.aoti_load_package(path)
+        return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+def aoti_load(path):
+    """The AOTInductor package at `path`, loaded (its runner)."""
+    return torch._inductor.aoti_load_package(str(path))
 
 
 def aoti_run(runner, inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_llama2 import Llama2ForCausalLM, torch_internals
-from modeling_llama2.inference import decoding
+from modeling_llama2.inference import ahead_of_time, decoding
 
 from .alignment_helpers import TINY, make_tokenizer, tiny_config
 
@@ -22,6 +22,14 @@ def model_pair(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
     ours.set_attn_implementation(attn_implementation)
     ref.set_attn_implementation(attn_implementation)
     return ours, ref
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_steps_cache(tmp_path_factory):
+    """Compiled decode steps go to a directory of this test run, not the user's cache (`ahead_of_time.cache_dir`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ahead_of_time.CACHE_ENV, str(tmp_path_factory.mktemp("modeling_llama2_cache")))
+        yield
 
 
 @pytest.fixture
@@ -59,12 +67,16 @@ def torch_compile_step(monkeypatch):
 
 
 @pytest.fixture
-def aot_compiles(monkeypatch) -> list:
-    """The programs compiled ahead of time while the test runs (AOTInductor), one entry each."""
+def aot_compiles(monkeypatch, tmp_path_factory) -> list:
+    """The programs compiled ahead of time while the test runs (AOTInductor), one entry each, from an empty disk
+    cache (`ahead_of_time.cache_dir`): no step that an earlier test compiled is loaded instead."""
+    monkeypatch.setenv(ahead_of_time.CACHE_ENV, str(tmp_path_factory.mktemp("modeling_llama2_cache")))
     compiles = []
     compile_program = torch_internals.aoti_compile
     monkeypatch.setattr(
-        torch_internals, "aoti_compile", lambda program: compiles.append(program) or compile_program(program)
+        torch_internals,
+        "aoti_compile",
+        lambda program, path: compiles.append(program) or compile_program(program, path),
     )
     return compiles
 

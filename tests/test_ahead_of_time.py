@@ -2,6 +2,7 @@
 signature, bound to the model's and the cache's own tensors, and the fallbacks to the `torch.compile` step."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -144,3 +145,38 @@ def test_two_caches_of_one_compiled_step_keep_their_own_tensors(model, aot_compi
     for loop in loops:
         assert torch.equal(torch.cat(loop["tokens"]), loop["want"])
     assert len(aot_compiles) == 1
+
+
+def test_a_later_process_loads_the_compiled_step_from_disk(model, aot_compiles, monkeypatch):
+    ids = prompts(1, 5, seed=10)
+    want = reference(model, ids, 7)
+    fresh = copy.deepcopy(model)  # no step compiled in this process yet
+    assert torch.equal(generate(fresh, ids, max_new_tokens=7), want)
+    assert len(aot_compiles) == 1 and len(list(ahead_of_time.cache_dir().glob("*.pt2"))) == 1
+    monkeypatch.setattr(ahead_of_time, "_steps", weakref.WeakKeyDictionary())  # as in a new process
+    assert torch.equal(generate(copy.deepcopy(model), ids, max_new_tokens=7), want)
+    assert len(aot_compiles) == 1  # loaded, not compiled
+    # Another signature (a sampling setting), another package.
+    generate(copy.deepcopy(model), ids, max_new_tokens=7, temperature=0.5)
+    assert len(aot_compiles) == 2 and len(list(ahead_of_time.cache_dir().glob("*.pt2"))) == 2
+
+
+def test_an_unreadable_compiled_step_is_compiled_again(model, aot_compiles, monkeypatch):
+    ids = prompts(1, 5, seed=11)
+    generate(copy.deepcopy(model), ids, max_new_tokens=4)
+    (package,) = ahead_of_time.cache_dir().glob("*.pt2")
+    package.write_bytes(b"not a package")  # a disk error, or a package of an incompatible build
+    monkeypatch.setattr(ahead_of_time, "_steps", weakref.WeakKeyDictionary())
+    with pytest.warns(UserWarning, match="could not be loaded .*compiling it again"):
+        out = generate(copy.deepcopy(model), ids, max_new_tokens=4)
+    assert torch.equal(out, reference(model, ids, 4)) and len(aot_compiles) == 2
+    assert package.stat().st_size > 1000 and list(ahead_of_time.cache_dir().iterdir()) == [
+        package
+    ]  # no work files left
+
+
+def test_the_source_of_a_compiled_step_is_part_of_its_key(model, monkeypatch):
+    key = ahead_of_time.signature(model, torch.zeros(1, dtype=torch.long), settings=(0.0, 1.0))
+    path = ahead_of_time.package_path(key)
+    monkeypatch.setattr(ahead_of_time, "_source_digest", "an edited checkout")
+    assert ahead_of_time.package_path(key) != path

@@ -12,21 +12,74 @@ AVX2 EPYC): batch 1 fp32 1.18x [0.97, 1.22], int8 weight-only 1.41x [1.33, 1.60]
 
 A compiled step is kept per model and per everything its graph was traced with (module structure, tensor shapes
 and dtypes, configuration, sampling settings, which inputs are passed), so a new cache or prompt of the same
-shape reuses it; anything else compiles anew.
+shape reuses it; anything else compiles anew. It is also kept on disk (`cache_dir`, as a package without weights),
+under a hash of that signature, this CPU's instruction sets, torch's version and this package's own source: a
+later process loads it instead of compiling (15M: 15-25 s at the first call otherwise).
 """
 
+import hashlib
+import os
+import tempfile
 import warnings
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, StaticCache
 
 from .. import torch_internals
+from .cpu_kernels import cpu_tag
 
 Step = Callable[..., torch.Tensor]
 ALIGNMENT = 64  # bytes: torch's CPU allocator's, which compiled code may assume of its inputs
+# Where compiled steps are kept between processes (`MODELING_LLAMA2_CACHE`, else the user's cache directory).
+CACHE_ENV = "MODELING_LLAMA2_CACHE"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the source whose every file a compiled step may depend on
+
+
+def cache_dir() -> Path:
+    """The directory of compiled steps: `$MODELING_LLAMA2_CACHE/aot`, else `~/.cache/modeling_llama2/aot`."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "modeling_llama2")
+    return Path(root) / "aot"
+
+
+_source_digest: str | None = None
+
+
+def source_digest() -> str:
+    """A hash of this package's source files (Python and C++): an edited checkout never loads a step compiled from
+    the code before."""
+    global _source_digest
+    if _source_digest is None:
+        digest = hashlib.sha256()
+        for path in sorted(PACKAGE_ROOT.rglob("*")):
+            if path.suffix in (".py", ".cpp", ".h"):
+                digest.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes())
+        _source_digest = digest.hexdigest()
+    return _source_digest
+
+
+def package_path(key: tuple) -> Path:
+    """Where the step of signature `key` is kept on disk."""
+    text = repr((key, torch.__version__, cpu_tag(), source_digest()))
+    return cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt2"
+
+
+def load_or_compile(program_of: Callable[[], torch.export.ExportedProgram], path: Path):
+    """The loaded step kept at `path`, or `program_of()` compiled, kept there (written whole, then renamed: a
+    concurrent or interrupted compile never leaves a partial package) and loaded."""
+    if path.is_file():
+        try:
+            return torch_internals.aoti_load(path)
+        except RuntimeError as error:  # unreadable (or from an incompatible build): compiled again below
+            warnings.warn(f"The compiled step {path} could not be loaded ({error}); compiling it again.", stacklevel=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        written = torch_internals.aoti_compile(program_of(), Path(work) / path.name)
+        os.replace(written, path)
+    return torch_internals.aoti_load(path)
 
 
 class ExportedStep(nn.Module):
@@ -118,8 +171,10 @@ def compile_step(
         exported = ExportedStep(step, model, cache, settings)
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
         try:
-            program = torch.export.export(exported, (tokens, length.clone(), position_ids, attention_mask))
-            steps[key] = torch_internals.aoti_compile(program)
+            steps[key] = load_or_compile(
+                lambda: torch.export.export(exported, (tokens, length.clone(), position_ids, attention_mask)),
+                package_path(key),
+            )
         except Exception as error:  # export and AOTInductor refuse what they cannot capture in many ways
             warnings.warn(
                 f"The decode step could not be compiled ahead of time ({type(error).__name__}: {error}); it is "
