@@ -2,13 +2,16 @@
 loop (greedy, and sampled at one seed), the route shown by which caches the forwards see, and transformers' loop
 for what the route declines."""
 
+import copy
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, CompileConfig, StaticCache, pipeline
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_llama2 import Llama2ForCausalLM
-from modeling_llama2.inference import generate_routing
+from modeling_llama2 import Llama2ForCausalLM, torch_internals
+from modeling_llama2.inference import ahead_of_time, generate_routing
 
 from .alignment_helpers import alignment_config, prompts, tiny_config
 
@@ -325,3 +328,52 @@ def test_the_route_sizes_its_cache_as_transformers_does(monkeypatch):
     model.generate(prompts(1, 5), max_new_tokens=8, cache_implementation="static", max_cache_len=40)
     model.generate(prompts(1, 5), max_new_tokens=8, cache_implementation="static")
     assert sizes == [40, 40, 40, 40]  # transformers' cache, then the route's copy, in each call
+
+
+@pytest.fixture
+def aot_runs(monkeypatch) -> list:
+    """One entry per call of a step compiled ahead of time."""
+    runs = []
+    run = torch_internals.aoti_run
+    monkeypatch.setattr(torch_internals, "aoti_run", lambda runner, inputs: runs.append(1) or run(runner, inputs))
+    return runs
+
+
+def test_on_a_cpu_the_rule_compiles_the_step_ahead_of_time(monkeypatch, aot_compiles, aot_runs):
+    monkeypatch.setattr(generate_routing, "COMPILE_AFTER_SECONDS", 1e-9)  # the first call's loop takes longer
+    torch.manual_seed(0)
+    model = Llama2ForCausalLM(tiny_config()).eval()
+    ids = prompts(2, 6, seed=7)
+    kwargs = dict(max_new_tokens=10, cache_implementation="static", pad_token_id=0)
+    model.generate(ids, do_sample=False, **kwargs)  # eager, and long enough
+    assert aot_runs == []
+    for settings in ({"do_sample": False}, SAMPLED):  # one compiled step: the sampling stays in Python
+        outs = []
+        for static in ({}, {"cache_implementation": "static"}):  # no hook to see the route: it would stop the export
+            torch.manual_seed(3)
+            outs.append(model.generate(ids, max_new_tokens=10, pad_token_id=0, **settings, **static))
+        assert torch.equal(*outs), settings
+    assert len(aot_compiles) == 1 and len(aot_runs) == 2 * 9
+    # A `compile_config` is torch.compile's (here its eager backend), and `disable_compile` runs eagerly.
+    eager_backend = CompileConfig(backend="eager", fullgraph=True)
+    greedy = model.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(model.generate(ids, do_sample=False, compile_config=eager_backend, **kwargs), greedy)
+    model.generate(ids, do_sample=False, disable_compile=True, **kwargs)
+    assert len(aot_runs) == 2 * 9
+
+
+def test_a_step_compiled_in_an_earlier_process_is_loaded_at_the_first_call(monkeypatch, aot_compiles, aot_runs):
+    torch.manual_seed(0)
+    first = Llama2ForCausalLM(tiny_config()).eval()
+    ids = prompts(1, 5, seed=8)
+    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="static", pad_token_id=0)
+    rule = generate_routing.COMPILE_AFTER_SECONDS
+    monkeypatch.setattr(generate_routing, "COMPILE_AFTER_SECONDS", 0.0)  # compiled at once
+    want = first.generate(ids, **kwargs)
+    assert len(aot_compiles) == 1 and len(aot_runs) == 7
+    monkeypatch.setattr(generate_routing, "COMPILE_AFTER_SECONDS", rule)  # a new model: eager for a minute first
+    monkeypatch.setattr(ahead_of_time, "_steps", weakref.WeakKeyDictionary())  # as in a new process
+    second = copy.deepcopy(first)
+    assert torch.equal(second.generate(ids, **kwargs), want)
+    assert len(aot_compiles) == 1 and len(aot_runs) == 14  # loaded from disk, not compiled
+    assert torch.equal(want, first.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel, StaticCache
 
 from .. import torch_internals
-from .cpu_kernels import cpu_tag
+from .cpu_kernels import cpu_tag, kernel_takes
 
 Step = Callable[..., torch.Tensor]
 ALIGNMENT = 64  # bytes: torch's CPU allocator's, which compiled code may assume of its inputs
@@ -144,6 +144,19 @@ def signature(model: PreTrainedModel, *inputs, settings: tuple) -> tuple:
 _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {signature: AOTI runner}
 
 
+def applies(model: PreTrainedModel, cache: StaticCache, rows: int) -> bool:
+    """Whether a decode of `rows` rows over `cache` takes a step compiled ahead of time: on a CPU, over a plain
+    `StaticCache` (a shared-prefix cache keeps its prompts outside the buffers a step binds), as many rows as the
+    rows kernels take (beyond, the CPU linears call oneDNN and fbgemm through Python ops, which compiled C++ cannot
+    call), and a model whose step `torch.export` can capture (`exportable`)."""
+    return (
+        type(cache) is StaticCache
+        and cache.layers[0].keys.device.type == "cpu"
+        and kernel_takes(rows)
+        and exportable(model)
+    )
+
+
 def exportable(model: PreTrainedModel) -> bool:
     """Whether the step of `model` can be captured by `torch.export`: no module runs hooks (accelerate's offloading,
     a user's), which a captured graph would run once, at capture, and never again."""
@@ -159,14 +172,16 @@ def compile_step(
     settings: tuple,
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
+    compile: bool = True,
 ) -> "BoundStep | None":
-    """`step` for this model, cache and settings, compiled ahead of time (once per `signature`) and bound to the
-    model's and the cache's tensors: a callable `(tokens, length, position_ids, attention_mask) -> next tokens`
-    where `length` is the cache's filled length (a 0-d int64 tensor). None, with a warning, where export or
-    AOTInductor refuses the step (once per `signature`)."""
+    """`step` for this model, cache and settings, compiled ahead of time (once per `signature`, or loaded from disk)
+    and bound to the model's and the cache's tensors (`BoundStep`). None where export or AOTInductor refuses the
+    step (with a warning, once per `signature`), and with `compile=False` where no compiled step is at hand."""
     length = cache.layers[0].cumulative_length
     key = signature(model, tokens, cache.layers[0].keys, position_ids, attention_mask, settings=settings)
     steps = _steps.setdefault(model, {})
+    if key not in steps and not compile and not package_path(key).is_file():
+        return None
     if key not in steps:
         exported = ExportedStep(step, model, cache, settings)
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
@@ -187,24 +202,33 @@ def compile_step(
                 layer.keys, layer.values, layer.cumulative_length = keys, values, filled
     if steps[key] is None:
         return None
-    return BoundStep(steps[key], {**model_tensors(model), **cache_tensors(cache)})
+    return BoundStep(steps[key], {**model_tensors(model), **cache_tensors(cache)}, cache)
 
 
 class BoundStep:
     """A compiled step's runner with the tensors it reads and writes bound by name; it holds them, as the runner
-    keeps only pointers to them. A runner serves every cache of its signature: a call binds its own tensors again
-    where another `BoundStep` of the same runner was called since."""
+    keeps only pointers to them. Called with the step's changing inputs, `(tokens, position_ids, attention_mask)`,
+    it returns the step's output and advances the cache's filled length, which the compiled step reads but leaves.
+    A runner serves every cache of its signature: a call binds its own tensors again where another `BoundStep` of
+    the same runner was called since."""
 
-    def __init__(self, runner, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, runner, tensors: dict[str, torch.Tensor], cache: StaticCache) -> None:
         self.runner = runner
         self.tensors = {name: tensors[name] for name in runner.get_constant_fqns()}
+        self.lengths = [layer.cumulative_length for layer in cache.layers]
         self.bind()
 
     def bind(self) -> None:
         self.runner.load_constants(self.tensors, check_full_update=True, user_managed=True)
         self.runner.bound_to = self
 
-    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.runner.bound_to is not self:
             self.bind()
-        return torch_internals.aoti_run(self.runner, [t for t in inputs if t is not None])
+        inputs = [t for t in (tokens, self.lengths[0], position_ids, attention_mask) if t is not None]
+        out = torch_internals.aoti_run(self.runner, inputs)
+        for length in self.lengths:
+            length.add_(1)
+        return out

@@ -124,16 +124,9 @@ def ahead_of_time_step(
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
 ) -> Callable[..., torch.Tensor] | None:
-    """The decode step compiled ahead of time (`ahead_of_time`), with `decode_step`'s arguments, on a CPU, over a
-    plain `StaticCache`, for a model whose step `torch.export` can capture and as many rows as the rows kernels take
-    (beyond, the CPU linears call oneDNN and fbgemm through Python ops, which compiled C++ cannot); None elsewhere
-    (then the `torch.compile` step). It advances the cache's filled length itself, as the compiled step leaves it."""
-    if (
-        tokens.device.type != "cpu"
-        or type(cache) is not StaticCache
-        or not kernel_takes(tokens.shape[0])
-        or not ahead_of_time.exportable(model)
-    ):
+    """The decode step compiled ahead of time, with `decode_step`'s arguments, where `ahead_of_time.applies`; None
+    elsewhere (then the `torch.compile` step)."""
+    if not ahead_of_time.applies(model, cache, tokens.shape[0]):
         return None
     compiled = ahead_of_time.compile_step(
         decode_step, model, cache, tokens, settings=(temperature, top_p), position_ids=position_ids,
@@ -141,15 +134,7 @@ def ahead_of_time_step(
     )  # fmt: skip
     if compiled is None:
         return None
-    lengths = [layer.cumulative_length for layer in cache.layers]
-
-    def step(model, tokens, cache, temperature, top_p, position_ids, attention_mask) -> torch.Tensor:
-        next_tokens = compiled(tokens, lengths[0], position_ids, attention_mask)
-        for length in lengths:
-            length.add_(1)
-        return next_tokens
-
-    return step
+    return lambda model, tokens, cache, temperature, top_p, positions, mask: compiled(tokens, positions, mask)
 
 
 def guarded_once(step: Callable[..., T]) -> Callable[..., T]:
@@ -405,7 +390,7 @@ def decode(
     if shared:  # the slots count from 0, the positions from each prompt's end
         positions = cache.next_positions + filled
     step = decode_step
-    if compile:
+    if compile and max_new_tokens > 1:  # one new token takes no step
         step = ahead_of_time_step(model, cache, tokens, temperature, top_p, positions, slots_mask)
         step = step or guarded_once(compiled_step(model, logits.device, logits.shape[0]))
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)

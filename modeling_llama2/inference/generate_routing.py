@@ -12,7 +12,9 @@ softmax: the same draws at the same RNG state, so greedy and seeded sampled toke
 Compiling the step costs tens of seconds on a CPU, which a short generation never earns back: it runs eagerly
 until this model has spent `COMPILE_AFTER_SECONDS` in eager decoding (then compiled, for the rest of the process),
 compiled at once with `generation_config.compile_config` (and, as in transformers, on CUDA or XPU), and never with
-`disable_compile`. Everything `sample` declines (`unsupported` says why) runs in transformers' loop.
+`disable_compile`. On a CPU the rule's compile is ahead of time (`ahead_of_time`, kept on disk), and a step
+already on disk is loaded at once; a `compile_config` keeps `torch.compile`, whose options it holds. Everything
+`sample` declines (`unsupported` says why) runs in transformers' loop.
 """
 
 import logging
@@ -30,7 +32,7 @@ from transformers import (
 )
 
 from .. import torch_internals
-from . import decoding
+from . import ahead_of_time, decoding
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,12 @@ def sample(
     logits = logits.float()
     compiled = compiled_forward(model, generation_config)
     forward = model if compiled is None else decoding.guarded_once(compiled)
+    ahead_of_time_step = None
+    if steps > 0 and ahead_of_time_applies(model, cache, input_ids.shape[0], generation_config):
+        ahead_of_time_step = ahead_of_time.compile_step(
+            step, model, cache, input_ids[:, -1].contiguous(), settings=(), position_ids=positions,
+            attention_mask=slots_mask, compile=compiled is not None,
+        )  # fmt: skip
     # Rows that stop continue with the pad id `generate` resolved (the first EOS id when none is set); transformers
     # keeps it only in this private attribute of its working copy of the configuration.
     pad_token_id = generation_config._pad_token_tensor
@@ -140,9 +148,12 @@ def sample(
                 streamer.put(tokens.cpu())
             if unfinished.max() == 0:
                 break
-            logits = step(forward, tokens, cache, positions, slots_mask)
+            if ahead_of_time_step is not None:
+                logits = ahead_of_time_step(tokens, positions, slots_mask)
+            else:
+                logits = step(forward, tokens, cache, positions, slots_mask)
             positions = None if positions is None else positions + 1
-    if compiled is None:
+    if compiled is None and ahead_of_time_step is None:
         _eager_seconds[model] = _eager_seconds.get(model, 0.0) + time.perf_counter() - start
     if streamer is not None:
         streamer.end()
@@ -163,6 +174,19 @@ def shared_prompts(
     ):
         return None
     return ids[:, 0], None if mask is None else mask[:, 0]
+
+
+def ahead_of_time_applies(
+    model: PreTrainedModel, cache: StaticCache, rows: int, generation_config: GenerationConfig
+) -> bool:
+    """Whether the steps go through a step compiled ahead of time (on a CPU: `ahead_of_time.applies`): where the
+    step compiles by this module's rule (not with `disable_compile`, nor with a `compile_config`, whose options are
+    `torch.compile`'s), or at once where a compiled step for it is already on disk."""
+    return (
+        not generation_config.disable_compile
+        and generation_config.compile_config is None
+        and ahead_of_time.applies(model, cache, rows)
+    )
 
 
 def compiled_forward(model: PreTrainedModel, generation_config: GenerationConfig):
