@@ -10,6 +10,7 @@ import torch
 from modeling_llama2 import Llama2ForCausalLM, torch_internals
 from modeling_llama2.inference import ahead_of_time, decoding
 from modeling_llama2.inference.decoding import decode, generate, prefill
+from modeling_llama2.inference.quantization import quantize_int8
 
 from .alignment_helpers import prompts, tiny_config
 
@@ -180,3 +181,18 @@ def test_the_source_of_a_compiled_step_is_part_of_its_key(model, monkeypatch):
     path = ahead_of_time.package_path(key)
     monkeypatch.setattr(ahead_of_time, "_source_digest", "an edited checkout")
     assert ahead_of_time.package_path(key) != path
+
+
+def test_models_that_differ_in_a_plain_attribute_get_steps_of_their_own(model, aot_compiles):
+    # Same tensors, same layouts: only the int8 linears' activations mode (a Python attribute) tells them apart.
+    ids = prompts(1, 5, seed=12)
+    for activations in ("float", "int8"):
+        quantized = quantize_int8(copy.deepcopy(model), activations=activations)
+        eager = generate(quantized, ids, max_new_tokens=8, compile=False)
+        assert torch.equal(generate(quantized, ids, max_new_tokens=8), eager)
+    assert len(aot_compiles) == 2 and len(list(ahead_of_time.cache_dir().glob("*.pt2"))) == 2
+    with torch.no_grad():  # a long prompt: fbgemm's packs, which no step calls, keep the step
+        quantized(prompts(1, 40, seed=13))
+    assert quantized.model.layers[0].mlp.down_proj._packed is not None
+    generate(quantized, ids, max_new_tokens=8)
+    assert len(aot_compiles) == 2

@@ -130,11 +130,26 @@ def layout(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % ALIGNMENT == 0
 
 
+def module_state(module: nn.Module) -> tuple:
+    """A module's class and public plain attributes (flags, numbers, strings; functions by name), on which its
+    forward may branch beside its tensors: an int8 linear's activations mode, the attention kernel a layer was
+    given. Private ones are bookkeeping (an int8 linear's fbgemm pack, made by a long prompt, which no step calls)."""
+    state = []
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("_"):
+            continue
+        if value is None or isinstance(value, (bool, int, float, str)):
+            state.append((name, value))
+        elif callable(value) and hasattr(value, "__qualname__"):
+            state.append((name, f"{getattr(value, '__module__', '')}.{value.__qualname__}"))
+    return type(module), tuple(state)
+
+
 def signature(model: PreTrainedModel, *inputs, settings: tuple) -> tuple:
-    """What a step's graph depends on beside its tensors' values: the modules' classes, every tensor's name, shape
-    and dtype, the configuration (attention kernel included), the inputs' shapes (None where not passed) and the
-    sampling settings."""
-    modules = tuple((name, type(module)) for name, module in model.named_modules())
+    """What a step's graph depends on beside its tensors' values: each module's class and plain attributes, every
+    tensor's name and layout, the configuration (attention kernel included), the inputs' layouts (None where not
+    passed) and the sampling settings."""
+    modules = tuple((name, *module_state(module)) for name, module in model.named_modules())
     tensors = tuple((name, *layout(t)) for name, t in model_tensors(model).items())
     shapes = tuple(None if t is None else layout(t) for t in inputs)
     config = (model.config.to_json_string(), model.config._attn_implementation)
