@@ -58,6 +58,13 @@ def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """transformers' default `generate`, greedy, no EOS: the tokens a decode path must reproduce."""
+    return model.generate(
+        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs
+    )
+
+
 def alignment_config(vocab_size: int, **overrides) -> Llama2Config:
     return tiny_config(**{**ALIGNMENT, "vocab_size": vocab_size, **overrides})
 

@@ -2,6 +2,7 @@
 signature, bound to the model's and the cache's own tensors, and the fallbacks to the `torch.compile` step."""
 
 import copy
+import gc
 import weakref
 
 import pytest
@@ -12,19 +13,13 @@ from modeling_llama2.inference import ahead_of_time, decoding
 from modeling_llama2.inference.decoding import decode, generate, prefill
 from modeling_llama2.inference.quantization import quantize_int8
 
-from .alignment_helpers import prompts, tiny_config
+from .alignment_helpers import greedy_reference, prompts, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return Llama2ForCausalLM(tiny_config()).eval()
-
-
-def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
-    return model.generate(
-        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs
-    )
 
 
 @pytest.fixture
@@ -50,9 +45,10 @@ def test_greedy_matches_generate_with_one_compile_for_every_prompt_and_cache(mod
     for seed in range(3):  # new prompts and caches of the same shape reuse the compiled step
         ids = prompts(2, 7, seed)
         out = generate(model, ids, max_new_tokens=20, max_cache_len=64)
-        assert torch.equal(out, reference(model, ids, 20))
+        assert torch.equal(out, greedy_reference(model, ids, 20))
     assert len(aot_compiles) == 1
-    assert aot_calls == [2] * 19 * 3  # tokens and the filled length, each step but the first token's
+    # Tokens, the filled length and each layer's keys and values, each step but the first token's.
+    assert aot_calls == [2 + 2 * model.config.num_hidden_layers] * 19 * 3
 
 
 def test_left_padded_prompts_match_generate(model, aot_calls):
@@ -61,8 +57,8 @@ def test_left_padded_prompts_match_generate(model, aot_calls):
     for row, pads in enumerate([0, 4, 2]):
         ids[row, :pads], mask[row, :pads] = 0, 0
     out = generate(model, ids, max_new_tokens=16, attention_mask=mask)
-    assert torch.equal(out, reference(model, ids, 16, attention_mask=mask))
-    assert aot_calls == [4] * 15  # the positions and the slots' mask too
+    assert torch.equal(out, greedy_reference(model, ids, 16, attention_mask=mask))
+    assert aot_calls == [4 + 2 * model.config.num_hidden_layers] * 15  # the positions and the slots' mask too
 
 
 def test_decode_leaves_the_cache_filled_as_the_eager_step_does(model):
@@ -112,7 +108,7 @@ def test_a_model_with_hooks_takes_the_torch_compile_step(model, aot_compiles, ch
     hooked.model.layers[0].register_forward_hook(lambda module, args, output: None)
     assert not ahead_of_time.exportable(hooked) and ahead_of_time.exportable(model)
     ids = prompts(1, 4, seed=1)
-    assert torch.equal(generate(hooked, ids, max_new_tokens=5), reference(model, ids, 5))
+    assert torch.equal(generate(hooked, ids, max_new_tokens=5), greedy_reference(model, ids, 5))
     assert aot_compiles == []
 
 
@@ -128,7 +124,7 @@ def test_a_step_export_refuses_falls_back_with_a_warning(model, monkeypatch, che
     keys = [layer.keys for layer in cache.layers]
     with pytest.warns(UserWarning, match="could not be compiled ahead of time .*cannot capture this"):
         out = decode(other, logits, cache, max_new_tokens=6)
-    assert torch.equal(torch.cat([ids, out], 1), reference(model, ids, 6))
+    assert torch.equal(torch.cat([ids, out], 1), greedy_reference(model, ids, 6))
     assert all(layer.keys is k for layer, k in zip(cache.layers, keys, strict=True))  # tracing's stand-ins undone
 
 
@@ -139,7 +135,8 @@ def test_two_caches_of_one_compiled_step_keep_their_own_tensors(model, aot_compi
         logits, cache = prefill(model, prompt, 16)
         tokens = decoding.select_next(logits, 0.0)
         step = decoding.ahead_of_time_step(model, cache, tokens, 0.0, 1.0, None, None)
-        loops.append({"step": step, "cache": cache, "tokens": [tokens], "want": reference(model, prompt, 6)[0, 5:]})
+        want = greedy_reference(model, prompt, 6)[0, 5:]
+        loops.append({"step": step, "cache": cache, "tokens": [tokens], "want": want})
     for _ in range(5):  # the two loops' steps interleaved, one compiled step between them
         for loop in loops:
             loop["tokens"].append(loop["step"](model, loop["tokens"][-1], loop["cache"], 0.0, 1.0, None, None))
@@ -150,7 +147,7 @@ def test_two_caches_of_one_compiled_step_keep_their_own_tensors(model, aot_compi
 
 def test_a_later_process_loads_the_compiled_step_from_disk(model, aot_compiles, monkeypatch):
     ids = prompts(1, 5, seed=10)
-    want = reference(model, ids, 7)
+    want = greedy_reference(model, ids, 7)
     fresh = copy.deepcopy(model)  # no step compiled in this process yet
     assert torch.equal(generate(fresh, ids, max_new_tokens=7), want)
     assert len(aot_compiles) == 1 and len(list(ahead_of_time.cache_dir().glob("*.pt2"))) == 1
@@ -170,7 +167,7 @@ def test_an_unreadable_compiled_step_is_compiled_again(model, aot_compiles, monk
     monkeypatch.setattr(ahead_of_time, "_steps", weakref.WeakKeyDictionary())
     with pytest.warns(UserWarning, match="could not be loaded .*compiling it again"):
         out = generate(copy.deepcopy(model), ids, max_new_tokens=4)
-    assert torch.equal(out, reference(model, ids, 4)) and len(aot_compiles) == 2
+    assert torch.equal(out, greedy_reference(model, ids, 4)) and len(aot_compiles) == 2
     assert package.stat().st_size > 1000 and list(ahead_of_time.cache_dir().iterdir()) == [
         package
     ]  # no work files left
@@ -196,3 +193,16 @@ def test_models_that_differ_in_a_plain_attribute_get_steps_of_their_own(model, a
     assert quantized.model.layers[0].mlp.down_proj._packed is not None
     generate(quantized, ids, max_new_tokens=8)
     assert len(aot_compiles) == 2
+
+
+def test_a_finished_decode_leaves_its_cache_to_be_freed(model):
+    ids = prompts(1, 5, seed=14)
+    # The first decode compiles the step, and torch keeps the tensors it exported with (as torch.compile's graphs
+    # keep theirs); the second takes the compiled step.
+    for _ in range(2):
+        logits, cache = prefill(model, ids, 12)
+        decode(model, logits, cache, max_new_tokens=6)
+        keys = weakref.ref(cache.layers[0].keys)
+        del cache, logits
+        gc.collect()
+    assert keys() is None  # the compiled step, kept with the model, holds no cache of a finished decode

@@ -5,6 +5,7 @@ compiled ahead of time has its own tests, `test_ahead_of_time.py`); the tests of
 inductor's code generation (`cheap_compile`) or run it eagerly (`compile=False`)."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -24,19 +25,13 @@ from modeling_llama2.inference.decoding import (
     select_next,
 )
 
-from .alignment_helpers import prompts, tiny_config
+from .alignment_helpers import greedy_reference, prompts, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return Llama2ForCausalLM(tiny_config()).eval()
-
-
-def reference(model, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
-    return model.generate(
-        input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs
-    )
 
 
 def test_compiled_greedy_matches_generate_without_recompiling(model, every_guard, torch_compile_step):
@@ -46,7 +41,7 @@ def test_compiled_greedy_matches_generate_without_recompiling(model, every_guard
     for seed in range(3):  # new prompts and caches of the same shape reuse the graph
         ids = prompts(2, 7, seed)
         out = generate(model, ids, max_new_tokens=20, max_cache_len=64)
-        assert torch.equal(out, reference(model, ids, 20))
+        assert torch.equal(out, greedy_reference(model, ids, 20))
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -57,7 +52,7 @@ def test_left_padded_prompts_of_different_lengths_match_generate(model, compile,
     for row, pads in enumerate([0, 4, 2]):  # prompts of 9, 5 and 7 tokens
         ids[row, :pads], mask[row, :pads] = 0, 0
     out = generate(model, ids, max_new_tokens=16, compile=compile, attention_mask=mask)
-    assert torch.equal(out, reference(model, ids, 16, attention_mask=mask))
+    assert torch.equal(out, greedy_reference(model, ids, 16, attention_mask=mask))
     # Each row continues as it would alone, unpadded.
     alone = generate(model, ids[1:2, 4:], max_new_tokens=16, compile=False)
     assert torch.equal(out[1, 9:], alone[0, 5:])
@@ -67,13 +62,13 @@ def test_left_padded_prompts_of_different_lengths_match_generate(model, compile,
 def test_eager_greedy_matches_generate_and_static_generate(model, batch):
     ids = prompts(batch, 9)
     out = generate(model, ids, max_new_tokens=16, compile=False)
-    assert torch.equal(out, reference(model, ids, 16))
-    assert torch.equal(out, reference(model, ids, 16, cache_implementation="static"))
+    assert torch.equal(out, greedy_reference(model, ids, 16))
+    assert torch.equal(out, greedy_reference(model, ids, 16, cache_implementation="static"))
 
 
 def test_eos_pads_finished_rows_and_stops_like_generate(model):
     ids = prompts(2, 6, seed=1)
-    free = reference(model, ids, 40)[:, 6:]
+    free = greedy_reference(model, ids, 40)[:, 6:]
     eos = int(free[0, 3])  # row 0 stops early; row 1 when (if ever) it meets the same token
     out = generate(model, ids, max_new_tokens=40, eos_token_id=eos, compile=False)
     expected = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
@@ -83,7 +78,7 @@ def test_eos_pads_finished_rows_and_stops_like_generate(model):
 
 def test_on_cpu_decoding_stops_at_the_step_that_finishes_the_last_row(model):
     ids = prompts(1, 6, seed=2)
-    eos = int(reference(model, ids, 8)[0, 6 + 2])  # the third new token
+    eos = int(greedy_reference(model, ids, 8)[0, 6 + 2])  # the third new token
     calls = []
     hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
@@ -107,7 +102,7 @@ def test_greedy_samples_of_one_prompt_match_generate_on_every_row(kv_heads, attn
     monkeypatch.setattr(modeling_llama2, "shared_prefix_attention", lambda *a, **k: seen.append(1) or original(*a, **k))
     out = sample_n(model, ids, n=3, max_new_tokens=14, temperature=0.0, max_cache_len=40, compile=False)
     assert len(seen) == 13 * config.num_hidden_layers  # every decode step's attention read the shared prompt
-    assert torch.equal(out, reference(model, ids.expand(3, -1), 14))
+    assert torch.equal(out, greedy_reference(model, ids.expand(3, -1), 14))
 
 
 def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model, cheap_compile, every_guard):
@@ -117,7 +112,7 @@ def test_compiled_samples_of_prompts_of_different_lengths_share_one_graph(model,
     for seed, length in [(0, 9), (1, 13), (2, 6)]:  # one `max_cache_len`: one graph
         ids = prompts(1, length, seed)
         out = sample_n(model, ids, n=3, max_new_tokens=10, temperature=0.0, max_cache_len=32)
-        assert torch.equal(out, reference(model, ids.expand(3, -1), 10))
+        assert torch.equal(out, greedy_reference(model, ids.expand(3, -1), 10))
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -155,7 +150,7 @@ def test_compiled_prefill_matches_eager_for_every_prompt_length_in_one_graph(mod
     assert counters["stats"]["unique_graphs"] == 1
     ids = prompts(2, 20, seed=20)
     out = generate(model, ids, max_new_tokens=8, compile=False, compile_prefill=True)
-    assert torch.equal(out, reference(model, ids, 8))
+    assert torch.equal(out, greedy_reference(model, ids, 8))
 
 
 def test_shared_prefix_cache_equals_prefilling_every_row(model):
@@ -173,7 +168,7 @@ def test_sample_n_at_temperature_zero_is_greedy_on_every_row(model):
     ids = prompts(1, 8)
     samples = sample_n(model, ids, n=5, max_new_tokens=12, temperature=0.0, compile=False)
     assert samples.shape == (5, 20)
-    assert torch.equal(samples, reference(model, ids, 12).expand(5, -1))
+    assert torch.equal(samples, greedy_reference(model, ids, 12).expand(5, -1))
 
 
 def test_sample_n_draws_distinct_samples_from_the_shared_prompt(model):
@@ -238,7 +233,7 @@ def test_generate_with_a_tiny_top_p_keeps_only_the_most_likely_token(model):
     ids = prompts(2, 7, seed=5)
     torch.manual_seed(0)
     nucleus = generate(model, ids, max_new_tokens=12, temperature=1.0, top_p=1e-6, compile=False)
-    assert torch.equal(nucleus, reference(model, ids, 12))
+    assert torch.equal(nucleus, greedy_reference(model, ids, 12))
 
 
 @pytest.mark.parametrize("shared", [True, False])  # each prompt kept once, or copied to its rows (other kernels)
@@ -251,7 +246,7 @@ def test_samples_of_left_padded_prompts_match_generate_on_their_rows(model, shar
         monkeypatch.setattr(decoding, "SHARED_PREFIX_ATTENTION", ())
     out = sample_n(model, ids, n=2, max_new_tokens=12, temperature=0.0, attention_mask=mask, compile=False)
     rows, row_mask = ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
-    assert torch.equal(out, reference(model, rows, 12, attention_mask=row_mask))
+    assert torch.equal(out, greedy_reference(model, rows, 12, attention_mask=row_mask))
 
 
 def test_sample_n_refuses_a_mask_of_another_shape_or_an_empty_prompt(model):
@@ -379,4 +374,9 @@ def test_rope_scaling_stretches_the_context_generation_may_fill():
     dynamic = Llama2ForCausalLM(
         tiny_config(max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 2.0})
     )
-    assert generate(dynamic.eval(), ids, max_new_tokens=40, compile=False).shape == (1, 50)  # NTK: any length
+    eager = generate(dynamic.eval(), ids, max_new_tokens=40, compile=False)
+    assert eager.shape == (1, 50)  # NTK: any length
+    # Its frequencies grow with the positions, which no fixed graph computes: its steps run eagerly, with no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(generate(dynamic, ids, max_new_tokens=40), eager)

@@ -3,18 +3,19 @@ Python, dynamo guards or graph wrapper in between.
 
 On a CPU a small model's step is short enough that what surrounds its kernels counts: at the 15M shape with int8
 weights, about half of a 956 us `torch.compile` step ran outside the matrix products (Python, dynamo's guards,
-the wrapper's argument checks; AVX-512 EPYC, 2 cores). `torch.export` captures the step once with the cache's keys
-and values as buffers that it writes in place and the filled length as an input; AOTInductor compiles that into a
-shared library whose weights and cache are the model's and the cache's own tensors, bound by name before each
-loop (nothing copied). Decode against the `torch.compile` step, paired (`benchmarks/bench_step.py`, 15M, 2-core
+the wrapper's argument checks; AVX-512 EPYC, 2 cores). `torch.export` captures the step once with the filled
+length and each layer's keys and values as inputs (written in place); AOTInductor compiles that into a shared
+library whose weights are the model's own tensors, bound by name before each loop (nothing copied). The cache
+stays an input, not a bound tensor: the runner, kept with its model, holds what it was bound to, and a finished
+decode's cache must be freed. Decode against the `torch.compile` step, paired (`benchmarks/bench_step.py`, 15M, 2-core
 AVX2 EPYC): batch 1 fp32 1.18x [0.97, 1.22], int8 weight-only 1.41x [1.33, 1.60], int8 activations 1.45x
 [0.94, 1.56]; batch 8 1.11x and 1.14x.
 
-A compiled step is kept per model and per everything its graph was traced with (module structure, tensor shapes
-and dtypes, configuration, sampling settings, which inputs are passed), so a new cache or prompt of the same
-shape reuses it; anything else compiles anew. It is also kept on disk (`cache_dir`, as a package without weights),
-under a hash of that signature, this CPU's instruction sets, torch's version and this package's own source: a
-later process loads it instead of compiling (15M: 15-25 s at the first call otherwise).
+A compiled step is kept per model and per everything its graph was traced with (module classes and plain
+attributes, tensor layouts, configuration, sampling settings, which inputs are passed), so a new cache or prompt
+of the same shape reuses it; anything else compiles anew. It is also kept on disk (`cache_dir`, as a package
+without weights), under a hash of that signature, this CPU's instruction sets, torch's version and this package's
+own source: a later process loads it instead of compiling (15M: 0.45 s against 17 s at the first call).
 """
 
 import hashlib
@@ -84,24 +85,23 @@ def load_or_compile(program_of: Callable[[], torch.export.ExportedProgram], path
 
 class ExportedStep(nn.Module):
     """`step(model, tokens, cache, *settings, position_ids, attention_mask)` as a module `torch.export` can
-    capture: the cache's keys and values are its buffers, and the filled length is an input."""
+    capture: the cache's filled length and each layer's keys and values are inputs (the step writes the new token's
+    keys and values into them in place), the weights the model's parameters and buffers."""
 
     def __init__(self, step: Step, model: PreTrainedModel, cache: StaticCache, settings: tuple) -> None:
         super().__init__()
         self.step, self.model, self.cache, self.settings = step, model, cache, settings
-        for i, layer in enumerate(cache.layers):
-            self.register_buffer(f"keys_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"values_{i}", layer.values, persistent=False)
 
     def forward(
         self,
         tokens: torch.Tensor,
         length: torch.Tensor,
+        keys_values: list[torch.Tensor],
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for i, layer in enumerate(self.cache.layers):
-            layer.keys, layer.values = getattr(self, f"keys_{i}"), getattr(self, f"values_{i}")
+            layer.keys, layer.values = keys_values[2 * i], keys_values[2 * i + 1]
             # Each layer its own copy of the length, which `StaticLayer.update` advances in place and the graph
             # then drops: an in-place update of a length buffer is lost in export, because transformers' mask
             # code passes layer 0's through a no-op `.to()` and export applies the update to that alias.
@@ -109,12 +109,9 @@ class ExportedStep(nn.Module):
         return self.step(self.model, tokens, self.cache, *self.settings, position_ids, attention_mask)
 
 
-def cache_tensors(cache: StaticCache) -> dict[str, torch.Tensor]:
-    """The cache's tensors under `ExportedStep`'s buffer names."""
-    tensors = {}
-    for i, layer in enumerate(cache.layers):
-        tensors[f"keys_{i}"], tensors[f"values_{i}"] = layer.keys, layer.values
-    return tensors
+def cache_inputs(cache: StaticCache) -> list[torch.Tensor]:
+    """Each layer's keys and values, in `ExportedStep`'s order."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
 def model_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -172,10 +169,18 @@ def applies(model: PreTrainedModel, cache: StaticCache, rows: int) -> bool:
     )
 
 
+def fixed_graph(model: PreTrainedModel) -> bool:
+    """Whether one fixed-shape graph computes every step of `model`: not with dynamic (NTK) RoPE, whose frequencies
+    grow with the positions seen, a branch on tensor values that `torch.export` and a `fullgraph` `torch.compile`
+    both refuse."""
+    return (getattr(model.config, "rope_parameters", None) or {}).get("rope_type") != "dynamic"
+
+
 def exportable(model: PreTrainedModel) -> bool:
-    """Whether the step of `model` can be captured by `torch.export`: no module runs hooks (accelerate's offloading,
-    a user's), which a captured graph would run once, at capture, and never again."""
-    return not any(torch_internals.has_hooks(m) for m in model.modules())
+    """Whether the step of `model` can be captured by `torch.export`: one fixed graph (`fixed_graph`), and no module
+    runs hooks (accelerate's offloading, a user's), which a captured graph would run once, at capture, and never
+    again."""
+    return fixed_graph(model) and not any(torch_internals.has_hooks(m) for m in model.modules())
 
 
 def compile_step(
@@ -202,7 +207,9 @@ def compile_step(
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
         try:
             steps[key] = load_or_compile(
-                lambda: torch.export.export(exported, (tokens, length.clone(), position_ids, attention_mask)),
+                lambda: torch.export.export(
+                    exported, (tokens, length.clone(), cache_inputs(cache), position_ids, attention_mask)
+                ),
                 package_path(key),
             )
         except Exception as error:  # export and AOTInductor refuse what they cannot capture in many ways
@@ -217,32 +224,34 @@ def compile_step(
                 layer.keys, layer.values, layer.cumulative_length = keys, values, filled
     if steps[key] is None:
         return None
-    return BoundStep(steps[key], {**model_tensors(model), **cache_tensors(cache)}, cache)
+    return BoundStep(steps[key], model_tensors(model), cache)
 
 
 class BoundStep:
-    """A compiled step's runner with the tensors it reads and writes bound by name; it holds them, as the runner
-    keeps only pointers to them. Called with the step's changing inputs, `(tokens, position_ids, attention_mask)`,
-    it returns the step's output and advances the cache's filled length, which the compiled step reads but leaves.
-    A runner serves every cache of its signature: a call binds its own tensors again where another `BoundStep` of
-    the same runner was called since."""
+    """A compiled step's runner with the model's tensors bound by name, and the cache it decodes over. Called with
+    the step's changing inputs, `(tokens, position_ids, attention_mask)`, it returns the step's output and advances
+    the cache's filled length, which the compiled step reads but leaves. A runner serves every model of its
+    signature: a call binds its own weights again where another `BoundStep` of the same runner was called since."""
 
     def __init__(self, runner, tensors: dict[str, torch.Tensor], cache: StaticCache) -> None:
         self.runner = runner
+        # The runner keeps pointers to these, not references: held here while the loop runs.
         self.tensors = {name: tensors[name] for name in runner.get_constant_fqns()}
         self.lengths = [layer.cumulative_length for layer in cache.layers]
+        self.keys_values = cache_inputs(cache)
         self.bind()
 
     def bind(self) -> None:
         self.runner.load_constants(self.tensors, check_full_update=True, user_managed=True)
-        self.runner.bound_to = self
+        self.runner.bound_to = weakref.ref(self)
 
     def __call__(
         self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.runner.bound_to is not self:
+        if self.runner.bound_to() is not self:
             self.bind()
-        inputs = [t for t in (tokens, self.lengths[0], position_ids, attention_mask) if t is not None]
+        inputs = [tokens, self.lengths[0], *self.keys_values]
+        inputs += [t for t in (position_ids, attention_mask) if t is not None]
         out = torch_internals.aoti_run(self.runner, inputs)
         for length in self.lengths:
             length.add_(1)

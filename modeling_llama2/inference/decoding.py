@@ -390,7 +390,8 @@ def decode(
     if shared:  # the slots count from 0, the positions from each prompt's end
         positions = cache.next_positions + filled
     step = decode_step
-    if compile and max_new_tokens > 1:  # one new token takes no step
+    # One new token takes no step; dynamic RoPE's steps run eagerly (no fixed graph computes them).
+    if compile and max_new_tokens > 1 and ahead_of_time.fixed_graph(model):
         step = ahead_of_time_step(model, cache, tokens, temperature, top_p, positions, slots_mask)
         step = step or guarded_once(compiled_step(model, logits.device, logits.shape[0]))
     out = torch.full((tokens.shape[0], max_new_tokens), pad_token_id, dtype=torch.long, device=tokens.device)
