@@ -158,9 +158,9 @@ _steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {sig
 
 def applies(model: PreTrainedModel, cache: StaticCache, rows: int) -> bool:
     """Whether a decode of `rows` rows over `cache` takes a step compiled ahead of time: on a CPU, over a plain
-    `StaticCache` (a shared-prefix cache keeps its prompts outside the buffers a step binds), as many rows as the
-    rows kernels take (beyond, the CPU linears call oneDNN and fbgemm through Python ops, which compiled C++ cannot
-    call), and a model whose step `torch.export` can capture (`exportable`)."""
+    `StaticCache` (a shared-prefix cache keeps its prompts outside the keys and values a step takes), as many rows
+    as the rows kernels take (beyond, the CPU linears call oneDNN and fbgemm through Python ops, which compiled C++
+    cannot call), and a model whose step `torch.export` can capture (`exportable`)."""
     return (
         type(cache) is StaticCache
         and cache.layers[0].keys.device.type == "cpu"
@@ -195,14 +195,15 @@ def compile_step(
     compile: bool = True,
 ) -> "BoundStep | None":
     """`step` for this model, cache and settings, compiled ahead of time (once per `signature`, or loaded from disk)
-    and bound to the model's and the cache's tensors (`BoundStep`). None where export or AOTInductor refuses the
+    and bound to the model's tensors, over this cache (`BoundStep`). None where export or AOTInductor refuses the
     step (with a warning, once per `signature`), and with `compile=False` where no compiled step is at hand."""
     length = cache.layers[0].cumulative_length
     key = signature(model, tokens, cache.layers[0].keys, position_ids, attention_mask, settings=settings)
     steps = _steps.setdefault(model, {})
-    if key not in steps and not compile and not package_path(key).is_file():
-        return None
     if key not in steps:
+        path = package_path(key)
+        if not compile and not path.is_file():
+            return None
         exported = ExportedStep(step, model, cache, settings)
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
         try:
@@ -210,7 +211,7 @@ def compile_step(
                 lambda: torch.export.export(
                     exported, (tokens, length.clone(), cache_inputs(cache), position_ids, attention_mask)
                 ),
-                package_path(key),
+                path,
             )
         except Exception as error:  # export and AOTInductor refuse what they cannot capture in many ways
             warnings.warn(

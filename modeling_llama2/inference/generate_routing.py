@@ -179,9 +179,9 @@ def shared_prompts(
 def ahead_of_time_applies(
     model: PreTrainedModel, cache: StaticCache, rows: int, generation_config: GenerationConfig
 ) -> bool:
-    """Whether the steps go through a step compiled ahead of time (on a CPU: `ahead_of_time.applies`): where the
-    step compiles by this module's rule (not with `disable_compile`, nor with a `compile_config`, whose options are
-    `torch.compile`'s), or at once where a compiled step for it is already on disk."""
+    """Whether the steps may go through a step compiled ahead of time (on a CPU: `ahead_of_time.applies`), neither
+    `disable_compile` nor a `compile_config` (whose options are `torch.compile`'s) set: `sample` then compiles it by
+    this module's rule, or takes one already compiled (in this process or on disk) at once."""
     return (
         not generation_config.disable_compile
         and generation_config.compile_config is None
