@@ -150,11 +150,9 @@ def has_hooks(module: torch.nn.Module) -> bool:
 
 
 def aoti_compile(program: torch.export.ExportedProgram, path) -> str:
-    """`program` compiled by AOTInductor into a package at `path`, its weights and buffers left out (to be bound with
-    `load_constants`, not copied). AOTInductor's entry points live in the private `torch._inductor`, as does the
-    option that keeps the constants out."""
-    with torch._inductor.config.patch({"aot_inductor.package_constants_in_so": False}):
-        return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    """`program` compiled by AOTInductor into a package at `path`. Its entry points live in the private
+    `torch._inductor`."""
+    return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
 def aoti_load(path):

@@ -68,15 +68,16 @@ def torch_compile_step(monkeypatch):
 
 @pytest.fixture
 def aot_compiles(monkeypatch, tmp_path_factory) -> list:
-    """The programs compiled ahead of time while the test runs (AOTInductor), one entry each, from an empty disk
-    cache (`ahead_of_time.cache_dir`): no step that an earlier test compiled is loaded instead."""
+    """The packages compiled ahead of time while the test runs (AOTInductor), one path each, from an empty disk
+    cache (`ahead_of_time.cache_dir`): no step that an earlier test compiled is loaded instead. Paths, not the
+    programs, which keep the tensors they were exported with."""
     monkeypatch.setenv(ahead_of_time.CACHE_ENV, str(tmp_path_factory.mktemp("modeling_llama2_cache")))
     compiles = []
     compile_program = torch_internals.aoti_compile
     monkeypatch.setattr(
         torch_internals,
         "aoti_compile",
-        lambda program, path: compiles.append(program) or compile_program(program, path),
+        lambda program, path: compiles.append(path) or compile_program(program, path),
     )
     return compiles
 

@@ -47,8 +47,9 @@ def test_greedy_matches_generate_with_one_compile_for_every_prompt_and_cache(mod
         out = generate(model, ids, max_new_tokens=20, max_cache_len=64)
         assert torch.equal(out, greedy_reference(model, ids, 20))
     assert len(aot_compiles) == 1
-    # Tokens, the filled length and each layer's keys and values, each step but the first token's.
-    assert aot_calls == [2 + 2 * model.config.num_hidden_layers] * 19 * 3
+    # The weights, tokens, the filled length and each layer's keys and values, each step but the first token's.
+    weights = len(ahead_of_time.model_tensors(model))
+    assert aot_calls == [weights + 2 + 2 * model.config.num_hidden_layers] * 19 * 3
 
 
 def test_left_padded_prompts_match_generate(model, aot_calls):
@@ -58,7 +59,8 @@ def test_left_padded_prompts_match_generate(model, aot_calls):
         ids[row, :pads], mask[row, :pads] = 0, 0
     out = generate(model, ids, max_new_tokens=16, attention_mask=mask)
     assert torch.equal(out, greedy_reference(model, ids, 16, attention_mask=mask))
-    assert aot_calls == [4 + 2 * model.config.num_hidden_layers] * 15  # the positions and the slots' mask too
+    weights = len(ahead_of_time.model_tensors(model))
+    assert aot_calls == [weights + 4 + 2 * model.config.num_hidden_layers] * 15  # the positions and slots' mask too
 
 
 def test_decode_leaves_the_cache_filled_as_the_eager_step_does(model):
@@ -100,7 +102,7 @@ def test_new_weights_of_the_same_shapes_are_read_not_the_old_ones(model, aot_com
     assert torch.equal(
         generate(changed, ids, max_new_tokens=10), generate(changed, ids, max_new_tokens=10, compile=False)
     )
-    assert len(aot_compiles) == 1  # same shapes: the same compiled step, bound to the new tensors
+    assert len(aot_compiles) == 1  # same shapes: the same compiled step, given the new tensors
 
 
 def test_a_model_with_hooks_takes_the_torch_compile_step(model, aot_compiles, cheap_torch_compile):
@@ -206,3 +208,18 @@ def test_a_finished_decode_leaves_its_cache_to_be_freed(model):
         del cache, logits
         gc.collect()
     assert keys() is None  # the compiled step, kept with the model, holds no cache of a finished decode
+
+
+@pytest.mark.parametrize("from_disk", [False, True])
+def test_a_deleted_model_is_freed_after_its_compiled_decode(from_disk, aot_compiles, monkeypatch):
+    ids = prompts(1, 5, seed=15)
+    for _ in range(1 + from_disk):  # the second model of the same signature loads the first one's step from disk
+        monkeypatch.setattr(ahead_of_time, "_steps", weakref.WeakKeyDictionary())  # as in a new process
+        torch.manual_seed(0)
+        doomed = Llama2ForCausalLM(tiny_config()).eval()
+        generate(doomed, ids, max_new_tokens=6)
+        weight = weakref.ref(doomed.model.layers[0].mlp.down_proj.weight)
+        del doomed
+        gc.collect()
+        assert weight() is None  # nothing of the compiled step (compiler, runner, disk load) keeps the weights
+    assert len(aot_compiles) == 1

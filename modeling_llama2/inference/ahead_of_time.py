@@ -3,13 +3,13 @@ Python, dynamo guards or graph wrapper in between.
 
 On a CPU a small model's step is short enough that what surrounds its kernels counts: at the 15M shape with int8
 weights, about half of a 956 us `torch.compile` step ran outside the matrix products (Python, dynamo's guards,
-the wrapper's argument checks; AVX-512 EPYC, 2 cores). `torch.export` captures the step once with the filled
-length and each layer's keys and values as inputs (written in place); AOTInductor compiles that into a shared
-library whose weights are the model's own tensors, bound by name before each loop (nothing copied). The cache
-stays an input, not a bound tensor: the runner, kept with its model, holds what it was bound to, and a finished
-decode's cache must be freed. Decode against the `torch.compile` step, paired (`benchmarks/bench_step.py`, 15M, 2-core
-AVX2 EPYC): batch 1 fp32 1.18x [0.97, 1.22], int8 weight-only 1.41x [1.33, 1.60], int8 activations 1.45x
-[0.94, 1.56]; batch 8 1.11x and 1.14x.
+the wrapper's argument checks; AVX-512 EPYC, 2 cores). `torch.export` captures the step once with every tensor
+it reads as an input: the model's weights, the filled length and each layer's keys and values (written in place);
+AOTInductor compiles that into a shared library that holds no tensor, so each call takes the model's and the
+cache's own (nothing copied), and neither outlives its owner. Decode against the `torch.compile` step, paired
+(`benchmarks/bench_step.py`, 15M, 2-core AVX2 EPYC): batch 1 fp32 1.18x [0.97, 1.22], int8 weight-only 1.41x
+[1.33, 1.60], int8 activations 1.45x [0.94, 1.56]; batch 8 1.11x and 1.14x (with the weights still constants of
+the library, which cost 2-4% less a step at 15M, batch 1, but kept them alive after the model).
 
 A compiled step is kept per model and per everything its graph was traced with (module classes and plain
 attributes, tensor layouts, configuration, sampling settings, which inputs are passed), so a new cache or prompt
@@ -85,21 +85,39 @@ def load_or_compile(program_of: Callable[[], torch.export.ExportedProgram], path
 
 class ExportedStep(nn.Module):
     """`step(model, tokens, cache, *settings, position_ids, attention_mask)` as a module `torch.export` can
-    capture: the cache's filled length and each layer's keys and values are inputs (the step writes the new token's
-    keys and values into them in place), the weights the model's parameters and buffers."""
+    capture, every tensor it reads an input: the model's parameters and buffers (in `names`' order), the cache's
+    filled length and each layer's keys and values (the step writes the new token's keys and values into them in
+    place). A compiled program given the weights as constants instead holds them past the model's life: torch 2.13's
+    user-managed constants (`load_constants(..., user_managed=True)`) take a reference to each that nothing drops."""
 
-    def __init__(self, step: Step, model: PreTrainedModel, cache: StaticCache, settings: tuple) -> None:
+    def __init__(self, step: Step, model: PreTrainedModel, cache: StaticCache, settings: tuple, names: list[str]):
         super().__init__()
-        self.step, self.model, self.cache, self.settings = step, model, cache, settings
+        # Held outside the module's tree: export would take a submodule's tensors for the program's constants.
+        self.__dict__["stepper"] = Stepper(step, model, cache, settings)
+        self.names = names
 
     def forward(
         self,
+        weights: list[torch.Tensor],
         tokens: torch.Tensor,
         length: torch.Tensor,
         keys_values: list[torch.Tensor],
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        inputs = (tokens, length, keys_values, position_ids, attention_mask)
+        return torch.func.functional_call(self.stepper, dict(zip(self.names, weights, strict=True)), inputs)
+
+
+class Stepper(nn.Module):
+    """The step over `model` (its tensors under `model_tensors`' names) and `cache`, its keys, values and filled
+    length given each call."""
+
+    def __init__(self, step: Step, model: PreTrainedModel, cache: StaticCache, settings: tuple) -> None:
+        super().__init__()
+        self.step, self.model, self.cache, self.settings = step, model, cache, settings
+
+    def forward(self, tokens, length, keys_values, position_ids, attention_mask) -> torch.Tensor:
         for i, layer in enumerate(self.cache.layers):
             layer.keys, layer.values = keys_values[2 * i], keys_values[2 * i + 1]
             # Each layer its own copy of the length, which `StaticLayer.update` advances in place and the graph
@@ -115,10 +133,8 @@ def cache_inputs(cache: StaticCache) -> list[torch.Tensor]:
 
 
 def model_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The model's parameters and buffers (tied ones under each name) under `ExportedStep`'s names."""
-    tensors = dict(model.named_parameters(prefix="model", remove_duplicate=False))
-    tensors.update(model.named_buffers(prefix="model", remove_duplicate=False))
-    return tensors
+    """The model's parameters and buffers under `Stepper`'s names, a tied one under its first name only."""
+    return dict(model.named_parameters(prefix="model")) | dict(model.named_buffers(prefix="model"))
 
 
 def layout(t: torch.Tensor) -> tuple:
@@ -194,8 +210,8 @@ def compile_step(
     attention_mask: torch.Tensor | None,
     compile: bool = True,
 ) -> "BoundStep | None":
-    """`step` for this model, cache and settings, compiled ahead of time (once per `signature`, or loaded from disk)
-    and bound to the model's tensors, over this cache (`BoundStep`). None where export or AOTInductor refuses the
+    """`step` for this model, cache and settings, compiled ahead of time (once per `signature`, or loaded from disk),
+    with the model's tensors and this cache (`BoundStep`). None where export or AOTInductor refuses the
     step (with a warning, once per `signature`), and with `compile=False` where no compiled step is at hand."""
     length = cache.layers[0].cumulative_length
     key = signature(model, tokens, cache.layers[0].keys, position_ids, attention_mask, settings=settings)
@@ -204,12 +220,14 @@ def compile_step(
         path = package_path(key)
         if not compile and not path.is_file():
             return None
-        exported = ExportedStep(step, model, cache, settings)
+        weights = model_tensors(model)
+        exported = ExportedStep(step, model, cache, settings, list(weights))
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
         try:
             steps[key] = load_or_compile(
                 lambda: torch.export.export(
-                    exported, (tokens, length.clone(), cache_inputs(cache), position_ids, attention_mask)
+                    exported,
+                    (list(weights.values()), tokens, length.clone(), cache_inputs(cache), position_ids, attention_mask),
                 ),
                 path,
             )
@@ -225,33 +243,25 @@ def compile_step(
                 layer.keys, layer.values, layer.cumulative_length = keys, values, filled
     if steps[key] is None:
         return None
-    return BoundStep(steps[key], model_tensors(model), cache)
+    return BoundStep(steps[key], list(model_tensors(model).values()), cache)
 
 
 class BoundStep:
-    """A compiled step's runner with the model's tensors bound by name, and the cache it decodes over. Called with
-    the step's changing inputs, `(tokens, position_ids, attention_mask)`, it returns the step's output and advances
-    the cache's filled length, which the compiled step reads but leaves. A runner serves every model of its
-    signature: a call binds its own weights again where another `BoundStep` of the same runner was called since."""
+    """A compiled step's runner with the inputs that stay the same from token to token: the model's tensors and the
+    cache it decodes over. Called with the step's changing inputs, `(tokens, position_ids, attention_mask)`, it
+    returns the step's output and advances the cache's filled length, which the compiled step reads but leaves."""
 
-    def __init__(self, runner, tensors: dict[str, torch.Tensor], cache: StaticCache) -> None:
+    def __init__(self, runner, weights: list[torch.Tensor], cache: StaticCache) -> None:
         self.runner = runner
-        # The runner keeps pointers to these, not references: held here while the loop runs.
-        self.tensors = {name: tensors[name] for name in runner.get_constant_fqns()}
         self.lengths = [layer.cumulative_length for layer in cache.layers]
-        self.keys_values = cache_inputs(cache)
-        self.bind()
-
-    def bind(self) -> None:
-        self.runner.load_constants(self.tensors, check_full_update=True, user_managed=True)
-        self.runner.bound_to = weakref.ref(self)
+        self.inputs = [*weights, None, self.lengths[0], *cache_inputs(cache)]
+        self.tokens_at = len(weights)
 
     def __call__(
         self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.runner.bound_to() is not self:
-            self.bind()
-        inputs = [tokens, self.lengths[0], *self.keys_values]
+        inputs = self.inputs.copy()
+        inputs[self.tokens_at] = tokens
         inputs += [t for t in (position_ids, attention_mask) if t is not None]
         out = torch_internals.aoti_run(self.runner, inputs)
         for length in self.lengths:
