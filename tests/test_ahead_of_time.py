@@ -223,3 +223,15 @@ def test_a_deleted_model_is_freed_after_its_compiled_decode(from_disk, aot_compi
         gc.collect()
         assert weight() is None  # nothing of the compiled step (compiler, runner, disk load) keeps the weights
     assert len(aot_compiles) == 1
+
+
+def test_a_tied_model_passes_its_shared_weight_once_and_gets_a_step_of_its_own(model, aot_compiles, aot_calls):
+    torch.manual_seed(0)
+    tied = Llama2ForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    ids = prompts(1, 5, seed=16)
+    for each in (copy.deepcopy(model), tied):  # a copy: no step compiled for it yet
+        assert torch.equal(generate(each, ids, max_new_tokens=6), greedy_reference(each, ids, 6))
+    assert len(aot_compiles) == 2  # one weight fewer: not the untied model's step
+    untied_inputs, tied_inputs = aot_calls[0], aot_calls[-1]
+    assert tied_inputs == untied_inputs - 1
