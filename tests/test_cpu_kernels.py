@@ -315,10 +315,13 @@ def test_int8_activations_prefill_calls_fbgemm_and_the_compiled_steps_match_eage
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm")
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 16])  # the 8-, 4-, 2- and 1-row loops
-@pytest.mark.parametrize("shape", [(50, 77), (288, 288), (96, 768)])  # a tail of 13 after the 32-wide blocks
+# A tail of 13 after the 32-wide blocks; 8237 inputs: sums of w carried over from int16 four times (with none, the
+# widest rows would overflow int16), then a lone block and a tail.
+@pytest.mark.parametrize("shape", [(50, 77), (288, 288), (96, 768), (24, 8237)])
 def test_int8_rows_kernel_is_fbgemms_dynamic_int8_linear_exactly(rows, shape):
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+    weight[0], weight[1] = 127, -127  # the widest sums of w
     scale, bias = torch.rand(shape[0], generator=gen) / 100, torch.randn(shape[0], generator=gen)
     packed, packed_bias = (torch_internals.fbgemm_pack_int8(weight, scale, b) for b in (None, bias))
     for x in (torch.randn(rows, shape[1], generator=gen) * 3 + 1, torch.rand(rows, shape[1], generator=gen)):

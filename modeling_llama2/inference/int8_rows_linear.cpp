@@ -89,28 +89,44 @@ inline __m256i add_products(__m256i acc, __m256i q, __m256i w) {
 #endif
 
 // Σ (q_r[i] - zero point) w[i] for R rows of x (q within [0, 127], or [0, 255] with `kVnni`): int32 sums of q x w,
-// and zero point x Σ w[i] (summed in the same pass) subtracted once. The weight row is loaded once for the R rows.
+// and zero point x Σ w[i] (summed in the same pass) subtracted once. The weight row is loaded once for the R rows,
+// a cache line (two vectors) a step with one prefetch. Σ w stays in int16 pairs (at most 2 x 128 each) for 64
+// vectors, then joins its int32 lanes: one instruction a vector where the int32 sum took three. Against that sum,
+// paired, weights in cache (2-core AVX2 EPYC, 7-bit q): one row 1.05-1.24x, eight rows 1.04-1.17x.
+constexpr int64_t kShortSumBytes = 64 * 32;
+
 template <int R>
 inline void dot_rows(const uint8_t* q, int64_t in, const int8_t* w, int32_t zero_point, int32_t* out) {
   const __m256i ones8 = _mm256_set1_epi8(1);
   __m256i acc[R], wsum = _mm256_setzero_si256();
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  const auto at = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   int64_t i = 0;
-  for (; i + 32 <= in; i += 32) {
-    __builtin_prefetch(w + i + kPrefetch);
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-    wsum = add_products(wsum, ones8, wv);
-    for (int r = 0; r < R; ++r) {
-      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * in + i));
-      acc[r] = add_products(acc[r], qv, wv);
+  while (i + 32 <= in) {
+    __m256i wsum16 = _mm256_setzero_si256();
+    const int64_t stop = std::min(in, i + kShortSumBytes);
+    for (; i + 64 <= stop; i += 64) {
+      __builtin_prefetch(w + i + kPrefetch);
+      const __m256i w0 = at(w + i), w1 = at(w + i + 32);
+      wsum16 = _mm256_add_epi16(wsum16, _mm256_maddubs_epi16(ones8, w0));
+      wsum16 = _mm256_add_epi16(wsum16, _mm256_maddubs_epi16(ones8, w1));
+      for (int r = 0; r < R; ++r)
+        acc[r] = add_products(add_products(acc[r], at(q + r * in + i), w0), at(q + r * in + i + 32), w1);
     }
+    for (; i + 32 <= stop; i += 32) {
+      const __m256i w0 = at(w + i);
+      wsum16 = _mm256_add_epi16(wsum16, _mm256_maddubs_epi16(ones8, w0));
+      for (int r = 0; r < R; ++r) acc[r] = add_products(acc[r], at(q + r * in + i), w0);
+    }
+    wsum = _mm256_add_epi32(wsum, _mm256_madd_epi16(wsum16, _mm256_set1_epi16(1)));
   }
-  int32_t sw = hsum(wsum);
-  for (int64_t j = i; j < in; ++j) sw += w[j];
+  int32_t tail = 0;  // Σ w past the last vector
+  for (int64_t j = i; j < in; ++j) tail += w[j];
+  const __m256i zero_point_sums = _mm256_mullo_epi32(wsum, _mm256_set1_epi32(zero_point));
   for (int r = 0; r < R; ++r) {
-    int32_t s = hsum(acc[r]);
+    int32_t s = hsum(_mm256_sub_epi32(acc[r], zero_point_sums)) - zero_point * tail;
     for (int64_t j = i; j < in; ++j) s += static_cast<int32_t>(q[r * in + j]) * w[j];
-    out[r] = s - zero_point * sw;
+    out[r] = s;
   }
 }
 
