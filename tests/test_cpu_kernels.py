@@ -182,9 +182,9 @@ def test_only_fp32_cpu_linears_change_and_the_model_still_saves(model, tmp_path)
 
 
 @pytest.mark.parametrize("ahead_of_time", [True, False])
-def test_compiled_greedy_tokens_match_the_eager_model(model, every_guard, aot_compiles, monkeypatch, ahead_of_time):
+def test_compiled_greedy_tokens_match_the_eager_model(model, every_guard, aot_compiles, request, ahead_of_time):
     if not ahead_of_time:  # the `torch.compile` step
-        monkeypatch.setattr(decoding, "ahead_of_time_step", lambda *args: None)
+        request.getfixturevalue("torch_compile_step")
     fast = use_cpu_kernels(copy.deepcopy(model))
     for batch in (1, 2):  # the reduction at one row; the rows kernel at two (the prompt: oneDNN and MKL)
         ids = torch.randint(1, 256, (batch, 12), generator=torch.Generator().manual_seed(batch))
