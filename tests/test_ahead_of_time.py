@@ -1,9 +1,12 @@
 """The decode step compiled ahead of time (AOTInductor) on the CPU: the tokens of `generate`, one compile per
-signature, bound to the model's and the cache's own tensors, and the fallbacks to the `torch.compile` step."""
+signature, given the model's and the cache's own tensors (and keeping none), its disk cache, and the fallbacks to
+the `torch.compile` step."""
 
 import copy
 import gc
+import os
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +238,24 @@ def test_a_tied_model_passes_its_shared_weight_once_and_gets_a_step_of_its_own(m
     assert len(aot_compiles) == 2  # one weight fewer: not the untied model's step
     untied_inputs, tied_inputs = aot_calls[0], aot_calls[-1]
     assert tied_inputs == untied_inputs - 1
+
+
+def test_the_disk_cache_deletes_its_least_recently_used_steps_beyond_its_limit(tmp_path, monkeypatch):
+    def compile_program(program, path):  # a package of 100 bytes, without compiling
+        Path(path).write_bytes(b"x" * 100)
+        return str(path)
+
+    def no_compile():
+        raise AssertionError("a step on disk is loaded, not compiled")
+
+    monkeypatch.setattr(torch_internals, "aoti_compile", compile_program)
+    monkeypatch.setattr(torch_internals, "aoti_load", lambda path: f"runner of {Path(path).name}")
+    monkeypatch.setattr(ahead_of_time, "CACHE_LIMIT", 250)  # two packages
+    packages = [tmp_path / f"{name}.pt2" for name in "abcd"]
+    for seconds, package in enumerate(packages[:3]):
+        ahead_of_time.load_or_compile(lambda: "program", package)
+        os.utime(package, (seconds, seconds))  # used in this order
+    assert [p.exists() for p in packages] == [False, True, True, False]  # c's write made room: a went
+    assert ahead_of_time.load_or_compile(no_compile, packages[1]) == "runner of b.pt2"  # b used again
+    ahead_of_time.load_or_compile(lambda: "program", packages[3])
+    assert [p.exists() for p in packages] == [False, True, False, True]  # c, now the least recently used, went
