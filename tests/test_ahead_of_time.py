@@ -2,6 +2,7 @@
 signature, given the model's and the cache's own tensors (and keeping none), its disk cache, and the fallbacks to
 the `torch.compile` step."""
 
+import concurrent.futures
 import copy
 import gc
 import os
@@ -259,3 +260,14 @@ def test_the_disk_cache_deletes_its_least_recently_used_steps_beyond_its_limit(t
     assert ahead_of_time.load_or_compile(no_compile, packages[1]) == "runner of b.pt2"  # b used again
     ahead_of_time.load_or_compile(lambda: "program", packages[3])
     assert [p.exists() for p in packages] == [False, True, False, True]  # c, now the least recently used, went
+
+
+def test_threads_decoding_through_one_compiled_step_each_get_their_own_tokens(model, aot_compiles):
+    shared = copy.deepcopy(model)  # its own compiled step, compiled below before the threads start
+    ids = [prompts(1, 6, seed=20 + i) for i in range(4)]
+    want = [greedy_reference(model, prompt, 24) for prompt in ids]
+    assert torch.equal(generate(shared, ids[0], max_new_tokens=24), want[0])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda prompt: generate(shared, prompt, max_new_tokens=24), ids * 3))
+    assert all(torch.equal(out, want[i % 4]) for i, out in enumerate(got))
+    assert len(aot_compiles) == 1  # all through the one step
