@@ -24,6 +24,7 @@ from modeling_llama2.inference import cpu_kernels
 
 SOURCES = Path("modeling_llama2/inference")
 SHAPES = [(32000, 288), (8000, 288), (1536, 288), (864, 288), (288, 768), (2304, 768), (12000, 768), (4000, 2048)]
+SHAPES += [(1024, 8192)]  # Llama 2 7B's widest inputs
 
 
 def build_baseline(revision: str) -> None:
