@@ -271,3 +271,20 @@ def test_threads_decoding_through_one_compiled_step_each_get_their_own_tokens(mo
         got = list(pool.map(lambda prompt: generate(shared, prompt, max_new_tokens=24), ids * 3))
     assert all(torch.equal(out, want[i % 4]) for i, out in enumerate(got))
     assert len(aot_compiles) == 1  # all through the one step
+
+
+def test_a_lora_model_decodes_through_the_compiled_step_with_its_current_adapters(model, aot_compiles, aot_calls):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    ids = prompts(1, 6, seed=3)
+    outs = []
+    for _ in range(2):  # new adapter weights of the same shapes: the same step, given them
+        outs.append(generate(lora, ids, max_new_tokens=8))
+        assert torch.equal(outs[-1], greedy_reference(lora, ids, 8))
+        with torch.no_grad():
+            for name, parameter in lora.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(generator=torch.Generator().manual_seed(len(name)))
+    assert not torch.equal(outs[0], outs[1])  # the adapters' change reached the tokens
+    assert len(aot_compiles) == 1 and len(aot_calls) == 2 * 7
