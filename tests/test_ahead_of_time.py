@@ -180,7 +180,9 @@ def test_an_unreadable_compiled_step_is_compiled_again(model, aot_compiles, monk
 
 
 def test_the_source_of_a_compiled_step_is_part_of_its_key(model, monkeypatch):
-    key = ahead_of_time.signature(model, torch.zeros(1, dtype=torch.long), settings=(0.0, 1.0))
+    key = ahead_of_time.signature(
+        model, ahead_of_time.model_tensors(model), torch.zeros(1, dtype=torch.long), settings=(0.0, 1.0)
+    )
     path = ahead_of_time.package_path(key)
     monkeypatch.setattr(ahead_of_time, "_source_digest", "an edited checkout")
     assert ahead_of_time.package_path(key) != path

@@ -184,12 +184,12 @@ def module_state(module: nn.Module) -> tuple:
     return type(module), tuple(state)
 
 
-def signature(model: PreTrainedModel, *inputs, settings: tuple) -> tuple:
+def signature(model: PreTrainedModel, tensors: dict[str, torch.Tensor], *inputs, settings: tuple) -> tuple:
     """What a step's graph depends on beside its tensors' values: each module's class and plain attributes, every
-    tensor's name and layout, the configuration (attention kernel included), the inputs' layouts (None where not
-    passed) and the sampling settings."""
+    tensor's name and layout (`tensors`: the model's, `model_tensors`), the configuration (attention kernel
+    included), the inputs' layouts (None where not passed) and the sampling settings."""
     modules = tuple((name, *module_state(module)) for name, module in model.named_modules())
-    tensors = tuple((name, *layout(t)) for name, t in model_tensors(model).items())
+    tensors = tuple((name, *layout(t)) for name, t in tensors.items())
     shapes = tuple(None if t is None else layout(t) for t in inputs)
     config = (model.config.to_json_string(), model.config._attn_implementation)
     return modules, tensors, config, shapes, settings
@@ -240,13 +240,13 @@ def compile_step(
     with the model's tensors and this cache (`BoundStep`). None where export or AOTInductor refuses the
     step (with a warning, once per `signature`), and with `compile=False` where no compiled step is at hand."""
     length = cache.layers[0].cumulative_length
-    key = signature(model, tokens, cache.layers[0].keys, position_ids, attention_mask, settings=settings)
+    weights = model_tensors(model)
+    key = signature(model, weights, tokens, cache.layers[0].keys, position_ids, attention_mask, settings=settings)
     steps = _steps.setdefault(model, {})
     if key not in steps:
         path = package_path(key)
         if not compile and not path.is_file():
             return None
-        weights = model_tensors(model)
         exported = ExportedStep(step, model, cache, settings, list(weights))
         saved = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
         try:
@@ -269,7 +269,7 @@ def compile_step(
                 layer.keys, layer.values, layer.cumulative_length = keys, values, filled
     if steps[key] is None:
         return None
-    return BoundStep(steps[key], list(model_tensors(model).values()), cache)
+    return BoundStep(steps[key], list(weights.values()), cache)
 
 
 class BoundStep:
