@@ -62,6 +62,9 @@ __attribute__((optimize("fp-contract=off"))) void round_row(const float* x, int6
 }
 
 #if defined(__AVX2__)
+// 32 bytes, aligned or not.
+inline __m256i load_vector(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -100,23 +103,24 @@ inline void dot_rows(const uint8_t* q, int64_t in, const int8_t* w, int32_t zero
   const __m256i ones8 = _mm256_set1_epi8(1);
   __m256i acc[R], wsum = _mm256_setzero_si256();
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const auto at = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   int64_t i = 0;
   while (i + 32 <= in) {
     __m256i wsum16 = _mm256_setzero_si256();
     const int64_t stop = std::min(in, i + kShortSumBytes);
     for (; i + 64 <= stop; i += 64) {
       __builtin_prefetch(w + i + kPrefetch);
-      const __m256i w0 = at(w + i), w1 = at(w + i + 32);
+      const __m256i w0 = load_vector(w + i), w1 = load_vector(w + i + 32);
       wsum16 = _mm256_add_epi16(wsum16, _mm256_maddubs_epi16(ones8, w0));
       wsum16 = _mm256_add_epi16(wsum16, _mm256_maddubs_epi16(ones8, w1));
-      for (int r = 0; r < R; ++r)
-        acc[r] = add_products(add_products(acc[r], at(q + r * in + i), w0), at(q + r * in + i + 32), w1);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = add_products(acc[r], load_vector(q + r * in + i), w0);
+        acc[r] = add_products(acc[r], load_vector(q + r * in + i + 32), w1);
+      }
     }
     for (; i + 32 <= stop; i += 32) {
-      const __m256i w0 = at(w + i);
+      const __m256i w0 = load_vector(w + i);
       wsum16 = _mm256_add_epi16(wsum16, _mm256_maddubs_epi16(ones8, w0));
-      for (int r = 0; r < R; ++r) acc[r] = add_products(acc[r], at(q + r * in + i), w0);
+      for (int r = 0; r < R; ++r) acc[r] = add_products(acc[r], load_vector(q + r * in + i), w0);
     }
     wsum = _mm256_add_epi32(wsum, _mm256_madd_epi16(wsum16, _mm256_set1_epi16(1)));
   }
@@ -145,7 +149,6 @@ inline void rows_of(const uint8_t* q, int64_t in, const int8_t* row, int32_t zer
 constexpr int64_t kSignedDotInputs = 1024;
 
 inline int32_t signed_dot(const int8_t* d, int64_t in, const int8_t* w) {
-  const auto at = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   const auto products = [](__m256i wv, __m256i dv) {  // pairs of |w| x ±d: at most 2 x 127 x 127 in int16
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(dv, wv)),
                              _mm256_set1_epi16(1));
@@ -154,10 +157,10 @@ inline int32_t signed_dot(const int8_t* d, int64_t in, const int8_t* w) {
   int64_t i = 0;
   for (; i + 64 <= in; i += 64) {
     __builtin_prefetch(w + i + kPrefetch);
-    acc0 = _mm256_add_epi32(acc0, products(at(w + i), at(d + i)));
-    acc1 = _mm256_add_epi32(acc1, products(at(w + i + 32), at(d + i + 32)));
+    acc0 = _mm256_add_epi32(acc0, products(load_vector(w + i), load_vector(d + i)));
+    acc1 = _mm256_add_epi32(acc1, products(load_vector(w + i + 32), load_vector(d + i + 32)));
   }
-  for (; i + 32 <= in; i += 32) acc0 = _mm256_add_epi32(acc0, products(at(w + i), at(d + i)));
+  for (; i + 32 <= in; i += 32) acc0 = _mm256_add_epi32(acc0, products(load_vector(w + i), load_vector(d + i)));
   int32_t s = hsum(_mm256_add_epi32(acc0, acc1));
   for (; i < in; ++i) s += static_cast<int32_t>(d[i]) * w[i];
   return s;
