@@ -40,8 +40,8 @@ def build_baseline(revision: str) -> None:
     cpp_extension.load(
         name=f"baseline_int8_{revision}",
         sources=[str(work / "int8_rows_linear.cpp")],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=cpu_kernels.KERNEL_CFLAGS,  # built as the package builds its own
+        extra_ldflags=cpu_kernels.KERNEL_LDFLAGS,
         is_python_module=False,
     )
 

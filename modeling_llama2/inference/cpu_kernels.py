@@ -86,6 +86,9 @@ MAX_REDUCTION_ROWS = 1
 MAX_KERNEL_ROWS = 16  # `rows_linear` up to here; beyond, the weight is re-read often enough for BLAS to win
 # one extension, built on first use
 KERNEL_SOURCES = ("rows_linear.cpp", "one_query_attention.cpp", "int8_rows_linear.cpp")
+# How they are built: this CPU's instructions, and OpenMP through torch's own libgomp.so.1 (already loaded: one
+# thread pool).
+KERNEL_CFLAGS, KERNEL_LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]
 CPUINFO = "/proc/cpuinfo"  # where Linux lists the CPU's flags, for `cpu_tag`
 _rows_kernel: bool | None = None  # whether `rows_linear.cpp` is built and loaded (None: not tried yet)
 
@@ -113,8 +116,8 @@ def rows_kernel() -> bool:
             cpp_extension.load(
                 name=f"modeling_llama2_rows_linear_{cpu_tag()}",
                 sources=[os.path.join(os.path.dirname(__file__), name) for name in KERNEL_SOURCES],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],  # torch's own libgomp.so.1, already loaded: one thread pool
+                extra_cflags=KERNEL_CFLAGS,
+                extra_ldflags=KERNEL_LDFLAGS,
                 is_python_module=False,
             )
         except (OSError, RuntimeError, ImportError, ValueError) as error:
