@@ -133,10 +133,11 @@ def test_the_rows_kernel_build_is_named_for_this_cpu(monkeypatch, tmp_path):
     assert cpu_kernels.cpu_tag() != names[0].rsplit("_", 1)[1]
 
 
-@pytest.mark.parametrize("min_onednn_elements", [0, 2**40])
+@pytest.mark.parametrize("min_onednn", [0, 2**40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_linear_matches_nn_linear_eagerly_and_compiled(monkeypatch, min_onednn_elements, bias):
-    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_ELEMENTS", min_onednn_elements)  # oneDNN, or MKL
+def test_cpu_linear_matches_nn_linear_eagerly_and_compiled(monkeypatch, min_onednn, bias):
+    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_ELEMENTS", min_onednn)  # oneDNN, or MKL
+    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_PRODUCTS", min_onednn)
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80, bias=bias)
     fast = use_cpu_kernels(copy.deepcopy(linear))
@@ -146,6 +147,28 @@ def test_cpu_linear_matches_nn_linear_eagerly_and_compiled(monkeypatch, min_oned
         for x in (torch.randn(4, 3, 48), torch.randn(1, 1, 48)):  # compiled: oneDNN or MKL, then the reduction
             torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefills_rows_take_onednn_also_for_a_small_weight(monkeypatch):
+    """Many rows pay back oneDNN's cost per call on any weight (fp32 and int8 weight-only); a few rows over a small
+    weight stay on MKL. Both equal nn.Linear to float rounding."""
+    rows = []
+    kernel = cpu_kernels.onednn_linear
+    record = lambda x, w: rows.append(x.shape[0]) or kernel(x, w)  # noqa: E731
+    monkeypatch.setattr(cpu_kernels, "onednn_linear", record)
+    monkeypatch.setattr(quantization, "onednn_linear", record)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    many = cpu_kernels.MIN_ONEDNN_PRODUCTS // linear.weight.numel() + 1
+    int8 = Int8Linear.from_linear(linear, activations="float")
+    dequantized = torch.nn.Linear(48, 80)
+    dequantized.load_state_dict({"weight": int8.weight * int8.weight_scale[:, None], "bias": linear.bias})
+    with torch.no_grad():
+        for fast, reference in ((use_cpu_kernels(copy.deepcopy(linear)), linear), (int8, dequantized)):
+            for n in (many, cpu_kernels.MAX_KERNEL_ROWS + 1):
+                x = torch.randn(n, 48)
+                torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert rows == [many, many]
 
 
 def test_gradients_reach_the_input_of_a_frozen_cpu_linear(monkeypatch):

@@ -49,8 +49,13 @@ that they come from memory, as in a decode step; oneDNN on its prepacked layout,
   batch 8 1.05-1.07x. The prefill keeps one product per weight (a 512-row product of one concatenated weight
   ran 0.93x), and so does one fp32 row in a compiled step (its fused reduction over one concatenated weight: 1.01x
   at 15M, 0.90x at 125M).
-- Beyond that, oneDNN's linear for weights of at least `MIN_ONEDNN_ELEMENTS` (it pays about 20 us per call), and
-  MKL for the small ones; also where the rows kernel cannot be built (no C++ compiler) or a gradient is wanted.
+- Beyond that (a prefill), or where the rows kernel cannot be built (no C++ compiler), oneDNN's linear for weights
+  of at least `MIN_ONEDNN_ELEMENTS` or calls of at least `MIN_ONEDNN_PRODUCTS` rows x weight elements (it pays
+  about 20 us a call; in a compiled prompt's graph, every weight), MKL for the rest and where a gradient is wanted
+  (`use_onednn`); the same for the dequantized product of an int8 weight-only prefill. On a 2-core AMD EPYC (Zen 5),
+  where MKL takes its AVX2 code and oneDNN its AVX-512, oneDNN ran 2.0-2.2x MKL at 512 rows on every 15M and 125M
+  weight (17 rows: 1.1-3.1x); with it a 512-token prefill of the 15M shape ran 1.38x (fp32) and 1.27x (int8
+  weight-only), paired, median of 4 alternating processes.
 
 With int8 activations (`quantization.Int8Linear`, activations="int8"), up to `MAX_KERNEL_ROWS` rows go to
 `int8_rows_linear.cpp` (`int8_rows_linear`): x rounded as fbgemm rounds it, the 8-bit products summed exactly, so
@@ -82,6 +87,7 @@ from .. import torch_internals
 from ..modeling_llama2 import Llama2Attention, one_query_sdpa_attention
 
 MIN_ONEDNN_ELEMENTS = 2**19  # 768 x 768 and larger: below this oneDNN's per-call cost outweighs its faster GEMV
+MIN_ONEDNN_PRODUCTS = 2**23  # rows x weight elements: from here (288 x 288 at 102 rows) oneDNN for any weight
 MAX_REDUCTION_ROWS = 1
 MAX_KERNEL_ROWS = 16  # `rows_linear` up to here; beyond, the weight is re-read often enough for BLAS to win
 # one extension, built on first use
@@ -228,6 +234,18 @@ def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.t().reshape(*x.shape[:-1], weight.shape[0])
 
 
+def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ W^T` on the CPU (more rows than the rows kernels take, or no rows kernel) goes to oneDNN rather
+    than MKL: where a large weight or many rows pay back oneDNN's cost per call, and no gradient is wanted (its op
+    has no backward). Inside a compiled graph (a prompt's, for more rows than the rows kernels take) oneDNN for every
+    weight: one graph for all prompt lengths, with no guard on the number of rows."""
+    if torch.compiler.is_compiling():
+        return not wants_gradient(x)
+    elements = weight.numel()
+    rows = x.numel() // x.shape[-1]
+    return not wants_gradient(x) and (elements >= MIN_ONEDNN_ELEMENTS or rows * elements >= MIN_ONEDNN_PRODUCTS)
+
+
 @torch.library.custom_op("modeling_llama2::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ W^T` through oneDNN (as fast on the plain row-major weight as on its prepacked layout)."""
@@ -317,7 +335,7 @@ class CPULinear(nn.Linear):
             y = reduction_linear(x, self.weight)
         elif use_rows_kernel(x):
             y = rows_linear(x, [self.weight])
-        elif self.weight.numel() >= MIN_ONEDNN_ELEMENTS and not wants_gradient(x):
+        elif use_onednn(x, self.weight):
             y = onednn_linear(x, self.weight)
         else:
             return F.linear(x, self.weight, self.bias)

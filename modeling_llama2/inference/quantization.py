@@ -16,10 +16,10 @@ only picks the kernel:
 Kernels on a CPU (fp32 activations):
 - "float": up to `cpu_kernels.MAX_KERNEL_ROWS` rows (batch-1 and batch-N decode steps, best-of-N; eager or inside
   `torch.compile`) `cpu_kernels.rows_linear`, which reads the int8 weight once for all rows and converts each tile
-  as it goes; for more rows (prefill) the weight dequantized for a BLAS matmul, whose float copy is paid once for
-  all the rows. Where the rows kernel cannot be built (no C++ compiler), one row in a compiled graph takes
-  `cpu_kernels.reduction_linear` (a compiled loop that converts the weight as it reads it), one eager row aten's
-  weight-only `_weight_int8pack_mm`, and several the dequantized matmul.
+  as it goes; for more rows (prefill) the weight dequantized for a oneDNN or MKL matmul (`cpu_kernels.use_onednn`),
+  whose float copy is paid once for all the rows. Where the rows kernel cannot be built (no C++ compiler), one row
+  in a compiled graph takes `cpu_kernels.reduction_linear` (a compiled loop that converts the weight as it reads
+  it), one eager row aten's weight-only `_weight_int8pack_mm`, and several the dequantized matmul.
 - "int8": up to `cpu_kernels.MAX_KERNEL_ROWS` rows (decode steps) `cpu_kernels.int8_rows_linear`, which rounds `x`
   as fbgemm does and sums the 8-bit products exactly, bit for bit fbgemm's result without its per-call cost; for
   more rows (prefill) fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic` on weights prepacked on
@@ -52,10 +52,12 @@ from .cpu_kernels import (
     fbgemm_int8_linear,
     int8_rows_linear,
     may_join,
+    onednn_linear,
     reduction_linear,
     rows_linear,
     split_products,
     use_cpu_attention,
+    use_onednn,
     use_reduction,
     use_rows_kernel,
 )
@@ -168,7 +170,10 @@ class Int8Linear(nn.Module):
             return reduction_linear(x, self.weight) * scale
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
             return torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
-        return nn.functional.linear(x, self.weight.to(x.dtype)) * scale
+        weight = self.weight.to(x.dtype)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and use_onednn(x, weight):
+            return onednn_linear(x, weight) * scale
+        return nn.functional.linear(x, weight) * scale
 
     @staticmethod
     def joint_forward(x: torch.Tensor, linears: Sequence["Int8Linear"]) -> tuple[torch.Tensor, ...]:
