@@ -170,10 +170,9 @@ class Int8Linear(nn.Module):
             return reduction_linear(x, self.weight) * scale
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch_internals.available(INT8PACK_CPU):
             return torch_internals.int8pack_mm(x.reshape(1, -1), self.weight, scale).view(*x.shape[:-1], -1)
-        weight = self.weight.to(x.dtype)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and use_onednn(x, weight):
-            return onednn_linear(x, weight) * scale
-        return nn.functional.linear(x, weight) * scale
+        if x.device.type == "cpu" and x.dtype == torch.float32 and use_onednn(x, self.weight):
+            return onednn_linear(x, self.weight * scale[:, None])  # the dequantized weight: one pass, none over y
+        return nn.functional.linear(x, self.weight.to(x.dtype)) * scale
 
     @staticmethod
     def joint_forward(x: torch.Tensor, linears: Sequence["Int8Linear"]) -> tuple[torch.Tensor, ...]:
