@@ -173,7 +173,7 @@ inline int32_t signed_dot(const int8_t* d, int64_t in, const int8_t* w) {
 // (the zero point, within [0, 255], as the unsigned operand), subtracted once a row; a cache line of w a step, two
 // steps in flight; the last under 64 inputs in masked loads, zeros past the row. Both sums may wrap in int32, their
 // difference (at most 255 x 128 x 65536) does not. Against `dot` (and `signed_dot` for 7 bits), paired, weights in
-// cache (2-core AMD EPYC Zen 5): 1.08-1.24x at 288 inputs, 1.16-1.39x at 768, 1.82x at 2048, 2.30x at 8192. At 8
+// cache (2-core AMD EPYC Zen 5): 1.25-2.26x at 288 inputs, 1.16-1.61x at 768, 1.86x at 2048, 2.42x at 8192. At 8
 // rows a 512-bit `dot_rows` lost at 288 inputs (0.79-0.84x: a horizontal sum a row for few products) and won
 // nothing at 768 and up (0.96-1.08x), so several rows stay on `dot_rows`.
 inline int32_t wide_dot(const uint8_t* q, int64_t in, const int8_t* w, __m512i zero_points) {
