@@ -345,6 +345,7 @@ def test_int8_rows_kernel_is_fbgemms_dynamic_int8_linear_exactly(rows, shape):
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
     weight[0], weight[1] = 127, -127  # the widest sums of w
+    weight[2, ::3] = -128  # outside absmax rounding's range, but an int8 file may hold it
     scale, bias = torch.rand(shape[0], generator=gen) / 100, torch.randn(shape[0], generator=gen)
     packed, packed_bias = (torch_internals.fbgemm_pack_int8(weight, scale, b) for b in (None, bias))
     for x in (torch.randn(rows, shape[1], generator=gen) * 3 + 1, torch.rand(rows, shape[1], generator=gen)):
