@@ -239,11 +239,12 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     than MKL: where a large weight or many rows pay back oneDNN's cost per call, and no gradient is wanted (its op
     has no backward). Inside a compiled graph (a prompt's, for more rows than the rows kernels take) oneDNN for every
     weight: one graph for all prompt lengths, with no guard on the number of rows."""
+    if wants_gradient(x):
+        return False
     if torch.compiler.is_compiling():
-        return not wants_gradient(x)
+        return True
     elements = weight.numel()
-    rows = x.numel() // x.shape[-1]
-    return not wants_gradient(x) and (elements >= MIN_ONEDNN_ELEMENTS or rows * elements >= MIN_ONEDNN_PRODUCTS)
+    return elements >= MIN_ONEDNN_ELEMENTS or x.numel() // x.shape[-1] * elements >= MIN_ONEDNN_PRODUCTS
 
 
 @torch.library.custom_op("modeling_llama2::onednn_linear", mutates_args=())
